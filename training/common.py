@@ -1,0 +1,115 @@
+"""What both training stages share: torchrun/DDP setup, resumable training state, logs.
+
+Exact resume by construction: every random draw of step s comes from generators seeded with
+(seed, s, rank), and the data order is a function of (seed, epoch), so the saved state is just
+the weights, the optimizer state and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+
+from ln3diff_rt.checkpoint import CheckpointError, atomic_save_safetensors
+from ln3diff_rt.config import ModelConfig
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str) -> Dist:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""
+    if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) == 1:
+        return Dist()
+    backend = "nccl" if device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend)
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+def step_generator(seed: int, step: int, rank: int, device: str = "cpu") -> torch.Generator:
+    """The generator for all random draws of one step on one rank."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+    return g
+
+
+def batch_indices(num_items: int, batch_size: int, step: int, seed: int, rank: int, world: int) -> list[int]:
+    """Object indices for `step` on `rank`: each epoch is a seeded permutation, split across ranks."""
+    global_batch = batch_size * world
+    per_epoch = max(1, num_items // global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    g = torch.Generator()
+    g.manual_seed(seed * 7919 + epoch)
+    perm = torch.randperm(num_items, generator=g)
+    start = pos * global_batch
+    chunk = perm[start:start + global_batch]
+    if len(chunk) < global_batch:  # fewer items than one global batch: wrap around
+        chunk = perm.repeat(global_batch // num_items + 1)[:global_batch]
+    return chunk[rank::world].tolist()
+
+
+def save_train_state(path: Path, config: ModelConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     step: int, extra: dict) -> None:
+    """Weights + optimizer state + step in one safetensors file, written atomically."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    meta = {"format_version": "1", "kind": "train_state", "ln3diff_rt.config": config.to_json(), "step": str(step),
+            "param_groups": json.dumps(opt["param_groups"]), "extra": json.dumps(extra)}
+    atomic_save_safetensors(tensors, path, meta)
+
+
+def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
+    """Restore what `save_train_state` wrote; returns (step, extra)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no training state to resume from")
+    model_state, optim_state = {}, {}
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+        if meta.get("kind") != "train_state":
+            raise CheckpointError(f"{path}: not a training state file (kind={meta.get('kind')!r})")
+        for key in f.keys():
+            group, _, name = key.partition(".")
+            if group == "model":
+                model_state[name] = f.get_tensor(key)
+            else:
+                idx, _, field = name.partition(".")
+                optim_state.setdefault(int(idx), {})[field] = f.get_tensor(key)
+    model.load_state_dict(model_state)
+    optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(meta["param_groups"])})
+    return int(meta["step"]), json.loads(meta["extra"])
+
+
+class JsonlLog:
+    """Append-only JSONL log (rank 0 only); each record gets wall time since the run started."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled, self.start = path, enabled, time.time()
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            record["time"] = round(time.time() - self.start, 3)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")

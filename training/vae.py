@@ -1,0 +1,244 @@
+"""Stage 1: train the 3D-aware VAE on multi-view renders.
+
+    python -m training.vae --data data/synth --out runs/vae --steps 3000
+    torchrun --nproc_per_node=2 -m training.vae --data data/synth --out runs/vae
+
+Each step encodes V input views of a batch of objects, decodes tri-planes and renders a random
+subset of rays of other (novel) views; the loss is L1 on colour + L1 on opacity against the
+alpha mask + KL. Writes `train_state.safetensors` (resume), `vae.safetensors` (the model) and
+`log.jsonl` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ln3diff_rt.cameras import camera_rays
+from ln3diff_rt.checkpoint import save_checkpoint
+from ln3diff_rt.config import ModelConfig, get_preset
+from ln3diff_rt.models.vae import TriplaneVAE, encoder_input
+from ln3diff_rt.rendering import render_chunked, render_rays
+from training.common import (Dist, JsonlLog, batch_indices, load_train_state, save_train_state, setup_distributed,
+                             step_generator)
+from training.data.dataset import MultiViewDataset
+
+
+@dataclass(frozen=True)
+class VAETrainConfig:
+    data: str
+    out: str = "runs/vae"
+    preset: str = "tiny"
+    steps: int = 3000
+    batch_size: int = 4
+    lr: float = 4e-4
+    warmup: int = 100
+    input_views: int = 0  # 0: the preset's encoder.num_views
+    target_views: int = 4
+    rays_per_object: int = 1024
+    kl_weight: float = 1e-3
+    mask_weight: float = 0.5
+    eval_every: int = 250
+    eval_objects: int = 16
+    save_every: float = 120.0  # seconds between training-state saves
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+    fail_on_bad_object: bool = False
+
+
+class VAEObjective(nn.Module):
+    """The training loss as a module, so DDP can wrap one forward call."""
+
+    def __init__(self, vae: TriplaneVAE, kl_weight: float, mask_weight: float):
+        super().__init__()
+        self.vae, self.kl_weight, self.mask_weight = vae, kl_weight, mask_weight
+
+    def forward(self, views, origins, dirs, target_rgb, target_mask, generator):
+        mean, logvar = self.vae.encode(views)
+        planes = self.vae.decode(self.vae.sample_posterior(mean, logvar, generator))
+        out = render_rays(self.vae.field, planes, origins, dirs, self.vae.cfg.renderer, perturb=True,
+                          generator=generator)
+        l1 = (out.rgb - target_rgb).abs().mean()
+        mask = (out.opacity - target_mask).abs().mean()
+        kl = self.vae.kl(mean, logvar)
+        total = l1 + self.mask_weight * mask + self.kl_weight * kl
+        return total, {"l1": l1.detach(), "mask": mask.detach(), "kl": kl.detach()}
+
+
+def collate(dataset: MultiViewDataset, indices: list[int], epoch: int) -> dict:
+    dataset.set_epoch(epoch)
+    items = [dataset[i] for i in indices]
+    return {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
+
+
+def sample_target_rays(batch: dict, count: int, generator: torch.Generator):
+    """Random rays of the target views: origins, dirs, rgb [B, count, 3], mask [B, count]."""
+    b, v, _, h, w = batch["target_images"].shape
+    origins, dirs = camera_rays(batch["target_c2w"], batch["target_intrinsics"], h, w)  # [B, V, H, W, 3]
+    pick = torch.randint(0, v * h * w, (b, count), generator=generator)
+    gather = lambda x: x.reshape(b, v * h * w, -1).gather(1, pick[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
+    rgb = gather(batch["target_images"].permute(0, 1, 3, 4, 2))
+    mask = gather(batch["target_masks"].permute(0, 1, 3, 4, 2))[..., 0]
+    return gather(origins), gather(dirs), rgb, mask
+
+
+def learning_rate(cfg: VAETrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def evaluate_psnr(vae: TriplaneVAE, dataset: MultiViewDataset, count: int, device: str) -> float:
+    """Mean PSNR of full novel views of held-out objects, reconstructed from their input views."""
+    vae.eval()
+    dataset.set_epoch(0)
+    psnrs = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        views = encoder_input(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
+        mean, _ = vae.encode(views.to(device))
+        planes = vae.decode(mean)
+        _, _, h, w = item["target_images"].shape
+        origins, dirs = camera_rays(item["target_c2w"][:1], item["target_intrinsics"][:1], h, w)
+        out = render_chunked(vae.field, planes, origins.reshape(1, -1, 3).to(device),
+                             dirs.reshape(1, -1, 3).to(device), vae.cfg.renderer)
+        target = item["target_images"][0].permute(1, 2, 0).reshape(1, -1, 3).to(device)
+        mse = (out.rgb.clamp(0, 1) - target).square().mean().item()
+        psnrs.append(10.0 * math.log10(1.0 / max(mse, 1e-10)))
+    vae.train()
+    return sum(psnrs) / max(1, len(psnrs))
+
+
+def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
+    """Run (or resume) stage-1 training; returns the path of the written VAE checkpoint."""
+    dist_env = dist_env or setup_distributed(cfg.device)
+    device = f"cuda:{dist_env.local_rank}" if cfg.device == "cuda" else cfg.device
+    model_cfg: ModelConfig = get_preset(cfg.preset)
+    input_views = cfg.input_views or model_cfg.encoder.num_views
+    if input_views != model_cfg.encoder.num_views:
+        model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views))
+    out = Path(cfg.out)
+    on_error = "raise" if cfg.fail_on_bad_object else "skip"
+    size = model_cfg.encoder.image_size
+    train_set = MultiViewDataset(cfg.data, "train", input_views, cfg.target_views, size, on_error, cfg.seed,
+                                 cache=True)
+    val_set = MultiViewDataset(cfg.data, "val", input_views, 1, size, on_error, cfg.seed + 1, cache=True)
+    if len(train_set) == 0:
+        raise SystemExit(f"error: no usable training objects under {cfg.data}/train")
+
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    vae = TriplaneVAE(model_cfg).to(device)
+    objective = VAEObjective(vae, cfg.kl_weight, cfg.mask_weight)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    state_path = out / "train_state.safetensors"
+    step = 0
+    if cfg.resume:
+        step, _ = load_train_state(state_path, vae, optimizer)
+    wrapped = DistributedDataParallel(objective) if dist_env.world > 1 else objective
+    log = JsonlLog(out / "log.jsonl", dist_env.main)
+    log.write(event="start", step=step, config=dataclasses.asdict(cfg), world=dist_env.world,
+              train_objects=len(train_set), val_objects=len(val_set), skipped=len(train_set.skipped))
+
+    def save(step: int) -> None:
+        if dist_env.main:
+            save_train_state(state_path, model_cfg, vae, optimizer, step, {"train_config": dataclasses.asdict(cfg)})
+
+    last_save = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc="vae", dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            g = step_generator(cfg.seed, step, dist_env.rank)
+            idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
+            batch = collate(train_set, idx, epoch=step)
+            views = encoder_input(batch["input_images"], batch["input_c2w"], batch["input_intrinsics"])
+            origins, dirs, rgb, mask = sample_target_rays(batch, cfg.rays_per_object, g)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss, parts = wrapped(views.to(device), origins.to(device), dirs.to(device), rgb.to(device),
+                                  mask.to(device), g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            optimizer.step()
+            step += 1
+            record = {k: round(v.item(), 5) for k, v in parts.items()}
+            record.update(loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
+                          lr=optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
+            log.write(event="train", step=step, **record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", l1=f"{record['l1']:.4f}")
+            if dist_env.main and (step % cfg.eval_every == 0 or step == cfg.steps) and len(val_set):
+                psnr = evaluate_psnr(vae, val_set, cfg.eval_objects, device)
+                log.write(event="eval", step=step, val_psnr=round(psnr, 3))
+                bar.write(f"step {step}: val PSNR {psnr:.2f} dB")
+            if time.time() - last_save > cfg.save_every:
+                save(step)
+                last_save = time.time()
+    except KeyboardInterrupt:
+        save(step)
+        bar.write(f"interrupted at step {step}: state saved to {state_path}; continue with --resume")
+        raise
+    bar.close()
+    save(step)
+    model_path = out / "vae.safetensors"
+    if dist_env.main:
+        save_checkpoint(model_path, model_cfg, {"vae": vae}, {"train_steps": str(step)})
+        log.write(event="done", step=step, skipped=[f"{p}: {why}" for p, why in train_set.skipped])
+        if train_set.skipped:
+            print(f"skipped {len(train_set.skipped)} bad objects (see {out / 'log.jsonl'})", file=sys.stderr)
+    return model_path
+
+
+def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
+    defaults = VAETrainConfig(data="")
+    p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="dataset root with train/ and val/ object folders "
+                   "(NeRF-synthetic transforms.json each; make one with python -m training.data.synth)")
+    p.add_argument("--out", default=defaults.out, help="run directory for state, model and logs (default: %(default)s)")
+    p.add_argument("--preset", default=defaults.preset, choices=["tiny", "base", "paper"], help="model size")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="total optimisation steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="objects per step per process")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate, cosine decay to 10%%")
+    p.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
+    p.add_argument("--input-views", type=int, default=defaults.input_views,
+                   help="views given to the encoder (default: the preset's)")
+    p.add_argument("--target-views", type=int, default=defaults.target_views,
+                   help="novel views rays are drawn from per object")
+    p.add_argument("--rays-per-object", type=int, default=defaults.rays_per_object,
+                   help="random rays rendered per object per step (memory knob)")
+    p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the per-element KL term")
+    p.add_argument("--mask-weight", type=float, default=defaults.mask_weight, help="weight of the opacity-vs-alpha L1")
+    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out PSNR evals")
+    p.add_argument("--eval-objects", type=int, default=defaults.eval_objects, help="held-out objects per eval")
+    p.add_argument("--save-every", type=float, default=defaults.save_every, help="seconds between state saves")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights, data order and rays")
+    p.add_argument("--device", default=defaults.device, help="cpu or cuda (one GPU per torchrun process)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    p.add_argument("--fail-on-bad-object", action="store_true",
+                   help="stop at the first unreadable object instead of skipping and reporting it")
+    args = p.parse_args(argv)
+    return VAETrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
+
+
+def main(argv: list[str] | None = None) -> None:
+    path = train(parse_args(argv))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Shapes for every preset, gradient flow through the VAE, DiT behaviour."""
+
+import pytest
+import torch
+
+from ln3diff_rt.cameras import intrinsics_from_fov, orbit_camera
+from ln3diff_rt.config import PRESETS, get_preset
+from ln3diff_rt.models.dit import DiT
+from ln3diff_rt.models.layers import patchify, unpatchify
+from ln3diff_rt.models.vae import TriplaneVAE, encoder_input
+from ln3diff_rt.presets import describe
+from ln3diff_rt.rendering import render_rays
+
+
+def _forward_shapes(cfg, batch):
+    enc = cfg.encoder
+    vae, dit = TriplaneVAE(cfg), DiT(cfg)
+    views = torch.randn(batch, enc.num_views, enc.in_channels, enc.image_size, enc.image_size)
+    mean, logvar = vae.encode(views)
+    planes = vae.decode(mean)
+    context = torch.randn(batch, cfg.dit.context_len, cfg.dit.context_dim)
+    v = dit(mean, torch.rand(batch), context, torch.randn(batch, cfg.dit.context_dim))
+    out = render_rays(vae.field, planes, torch.randn(batch, 5, 3), torch.randn(batch, 5, 3), cfg.renderer)
+    return mean, logvar, planes, v, out
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_preset_shapes(name):
+    cfg = get_preset(name)
+    device = "cpu" if name == "tiny" else "meta"  # large presets cost no memory on the meta device
+    with torch.device(device):
+        mean, logvar, planes, v, out = _forward_shapes(cfg, batch=2)
+    assert mean.shape == logvar.shape == (2, *cfg.latent_shape)
+    assert planes.shape == (2, *cfg.triplane_shape)
+    assert v.shape == mean.shape
+    assert out.rgb.shape == (2, 5, 3) and out.depth.shape == (2, 5)
+
+
+def test_paper_preset_follows_published_scale():
+    cfg = get_preset("paper")
+    assert cfg.latent_shape == (3, 4, 32, 32)
+    assert (cfg.dit.depth, cfg.dit.heads, cfg.dit.width, cfg.dit.patch_size) == (24, 16, 1024, 2)
+    assert (cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.width) == (24, 16, 1024)
+    assert cfg.encoder.image_size == 256 and cfg.encoder.downsample == 8 and cfg.encoder.in_channels == 10
+    assert cfg.triplane_shape == (3, 32, 256, 256)
+    assert cfg.dit.context_dim == 768 and cfg.latent_scale == pytest.approx(0.96806)
+    info = describe(cfg)
+    assert info["dit_tokens"] == 768
+    assert 450e6 < info["dit"] < 650e6  # DiT-L/2 (458M) plus cross-attention to text
+
+
+def test_patchify_roundtrip_odd_channels():
+    x = torch.randn(2, 3, 5, 6, 6)
+    for p in (1, 2, 3):
+        tokens = patchify(x, p)
+        assert tokens.shape == (2, 3 * (6 // p) ** 2, 5 * p * p)
+        assert torch.equal(unpatchify(tokens, p, 5, 6), x)
+
+
+def test_gradients_flow_encoder_to_renderer():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    vae = TriplaneVAE(cfg)
+    b, v = 2, cfg.encoder.num_views
+    c2w = torch.stack([torch.stack([orbit_camera(90.0 * i + 7 * j, 25.0, 2.7) for i in range(v)]) for j in range(b)])
+    intr = intrinsics_from_fov(0.8, 64, 64).expand(b, v, 4)
+    views = encoder_input(torch.rand(b, v, 3, 64, 64), c2w, intr)
+    mean, logvar = vae.encode(views)
+    planes = vae.decode(vae.sample_posterior(mean, logvar))
+    origins = torch.randn(b, 37, 3) * 0.1 + torch.tensor([0.0, 0.0, 2.5])
+    dirs = torch.nn.functional.normalize(-origins + 0.2 * torch.randn(b, 37, 3), dim=-1)
+    out = render_rays(vae.field, planes, origins, dirs, cfg.renderer, perturb=True)
+    (out.rgb.square().mean() + out.opacity.mean() + vae.kl(mean, logvar)).backward()
+    for name, p in vae.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    # every stage actually receives signal, not just the last layers
+    for module in (vae.encoder.stem, vae.encoder.head[-1], vae.decoder.embed, vae.decoder.upsampler.out,
+                   vae.field.mlp[0]):
+        assert module.weight.grad.abs().sum() > 0
+
+
+def test_dit_is_zero_at_init_and_conditions_after_update():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    dit = DiT(cfg)
+    x = torch.randn(3, *cfg.latent_shape)
+    ctx = torch.randn(3, cfg.dit.context_len, cfg.dit.context_dim)
+    pooled = torch.randn(3, cfg.dit.context_dim)
+    assert dit(x, torch.rand(3), ctx, pooled).abs().max() == 0  # AdaLN-Zero
+    for p in dit.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    a = dit(x, torch.full((3,), 0.5), ctx, pooled)
+    b = dit(x, torch.full((3,), 0.5), ctx.flip(0), pooled.flip(0))
+    assert not torch.allclose(a, b)  # the text condition changes the prediction
+
+
+def test_dit_image_tokens_prepended():
+    cfg = get_preset("tiny")
+    cfg = cfg.replace(dit=type(cfg.dit)(**{**cfg.dit.__dict__, "image_dim": 24}))
+    dit = DiT(cfg)
+    x = torch.randn(2, *cfg.latent_shape)
+    v = dit(x, torch.rand(2), torch.randn(2, cfg.dit.context_len, cfg.dit.context_dim),
+            torch.randn(2, cfg.dit.context_dim), image_tokens=torch.randn(2, 5, 24))
+    assert v.shape == x.shape
+    with pytest.raises(ValueError, match="image_dim"):
+        DiT(get_preset("tiny"))(x, torch.rand(2), torch.randn(2, 32, 384), torch.randn(2, 384),
+                                image_tokens=torch.randn(2, 5, 24))

@@ -63,7 +63,7 @@ class DiTConfig:
     width: int = 128
     depth: int = 6
     heads: int = 2
-    patch_size: int = 1
+    patch_size: int = 2  # 8 x 8 latent planes -> 48 tokens: DiT-/2 as the paper, and 4x cheaper on a CPU
     mlp_ratio: float = 4.0
     context_dim: int = 384  # all-MiniLM-L6-v2 hidden size
     context_len: int = 32

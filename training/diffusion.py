@@ -1,0 +1,209 @@
+"""Stage 2: train the flow-matching DiT on latents of the frozen VAE.
+
+    python -m training.diffusion --data data/synth --vae runs/vae/vae.safetensors --out runs/diffusion
+    torchrun --nproc_per_node=2 -m training.diffusion --data data/synth --vae runs/vae/vae.safetensors
+
+Encodes the dataset once (cached under OUT/latents, keyed by the VAE's sha256), scales latents by
+their standard deviation (stored in the config as `latent_scale`), then trains with
+z_t = (1 - t) z0 + t eps, target eps - z0, logit-normal t, and the caption replaced by the empty
+prompt with probability cfg_dropout for classifier-free guidance. Writes
+`train_state.safetensors` (resume), `model.safetensors` (VAE + EMA DiT: what `ln3diff generate`
+loads) and `log.jsonl` under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from ln3diff_rt.checkpoint import load_models, save_checkpoint
+from ln3diff_rt.config import get_preset
+from ln3diff_rt.models.dit import DiT
+from ln3diff_rt.sampling import Condition, flow_matching_loss
+from training.common import (JsonlLog, batch_indices, load_train_state, save_train_state, setup_distributed,
+                             step_generator)
+from training.latents import LatentSet, build_latent_cache, load_latents
+
+
+@dataclass(frozen=True)
+class DiffusionTrainConfig:
+    data: str
+    vae: str
+    out: str = "runs/diffusion"
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 3e-4
+    warmup: int = 200
+    ema: float = 0.999
+    encode_passes: int = 4  # random input-view subsets encoded per training object
+    eval_every: int = 500
+    save_every: float = 120.0
+    seed: int = 0
+    device: str = "cpu"
+    resume: bool = False
+
+
+class FlowObjective(nn.Module):
+    """Flow-matching loss with CFG dropout as one module, so DDP wraps one forward call."""
+
+    def __init__(self, dit: DiT, dropout: float):
+        super().__init__()
+        self.dit, self.dropout = dit, dropout
+
+    def forward(self, z0, context, pooled, null: Condition, generator):
+        drop = torch.rand(z0.shape[0], generator=generator, device=z0.device) < self.dropout
+        context = torch.where(drop[:, None, None], null.context, context)
+        pooled = torch.where(drop[:, None], null.pooled, pooled)
+        return flow_matching_loss(self.dit, z0, Condition(context, pooled), generator)
+
+
+def draw_batch(latents: LatentSet, idx: list[int], scale: float, generator: torch.Generator):
+    """Posterior samples z0 / scale and their text conditions for the given latent indices."""
+    index = torch.tensor(idx)
+    mean, logvar = latents.mean[index], latents.logvar[index]
+    z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=generator)
+    cap = latents.caption_ids[index]
+    return z / scale, latents.context[cap], latents.pooled[cap]
+
+
+@torch.no_grad()
+def evaluate(dit: DiT, latents: LatentSet, scale: float, device: str, seed: int = 1234) -> float:
+    """Flow-matching loss on held-out latents, fixed noise and times: comparable across evaluations."""
+    dit.eval()
+    g = torch.Generator().manual_seed(seed)
+    losses = []
+    for start in range(0, len(latents.mean), 128):
+        idx = list(range(start, min(start + 128, len(latents.mean))))
+        z, ctx, pooled = draw_batch(latents, idx, scale, g)
+        loss = flow_matching_loss(dit, z.to(device), Condition(ctx.to(device), pooled.to(device)), g)
+        losses.append(loss.item() * len(idx))
+    dit.train()
+    return sum(losses) / max(1, len(latents.mean))
+
+
+def learning_rate(cfg: DiffusionTrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def train(cfg: DiffusionTrainConfig) -> Path:
+    dist_env = setup_distributed(cfg.device)
+    device = f"cuda:{dist_env.local_rank}" if cfg.device == "cuda" else cfg.device
+    out = Path(cfg.out)
+    vae_models = load_models(cfg.vae, "cpu", require=("vae",))
+    if dist_env.main:
+        build_latent_cache(cfg.data, cfg.vae, out / "latents", cfg.encode_passes, vae_models.config.text_encoder,
+                           "cpu", cfg.seed)
+    if dist_env.world > 1:
+        torch.distributed.barrier()  # the other ranks read what rank 0 encoded
+    train_set, val_set = load_latents(out / "latents" / "train.safetensors"), load_latents(
+        out / "latents" / "val.safetensors")
+    scale = train_set.mean.std().item()  # unit-variance latents, like LN3Diff's fixed divider
+    # The VAE checkpoint fixes encoder, decoder and renderer; the DiT comes from the current preset.
+    model_cfg = vae_models.config.replace(latent_scale=scale, dit=get_preset(vae_models.config.preset).dit)
+    null = Condition(train_set.context[:1].to(device), train_set.pooled[:1].to(device))  # captions[0] == ""
+
+    torch.manual_seed(cfg.seed)
+    dit = DiT(model_cfg).to(device)
+    ema = copy.deepcopy(dit).requires_grad_(False)
+    holder = nn.ModuleDict({"dit": dit, "ema": ema})  # saved together for exact resume
+    optimizer = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
+    state_path = out / "train_state.safetensors"
+    step = 0
+    if cfg.resume:
+        step, _ = load_train_state(state_path, holder, optimizer)
+    objective = FlowObjective(dit, model_cfg.dit.cfg_dropout)
+    wrapped = DistributedDataParallel(objective) if dist_env.world > 1 else objective
+    log = JsonlLog(out / "log.jsonl", dist_env.main)
+    log.write(event="start", step=step, config=dataclasses.asdict(cfg), latents=len(train_set.mean),
+              val_latents=len(val_set.mean), latent_scale=scale, world=dist_env.world)
+
+    def save(step: int) -> None:
+        if dist_env.main:
+            save_train_state(state_path, model_cfg, holder, optimizer, step, {"train_config": dataclasses.asdict(cfg)})
+
+    last_save = time.time()
+    bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc="diffusion", dynamic_ncols=True)
+    try:
+        while step < cfg.steps:
+            t0 = time.time()
+            g = step_generator(cfg.seed, step, dist_env.rank)
+            idx = batch_indices(len(train_set.mean), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
+            z, ctx, pooled = draw_batch(train_set, idx, scale, g)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
+            loss = wrapped(z.to(device), ctx.to(device), pooled.to(device), null, g)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
+            optimizer.step()
+            with torch.no_grad():
+                for pe, p in zip(ema.parameters(), dit.parameters(), strict=True):
+                    pe.lerp_(p, 1.0 - cfg.ema)
+            step += 1
+            log.write(event="train", step=step, loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
+                      lr=optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if dist_env.main and (step % cfg.eval_every == 0 or step == cfg.steps):
+                val = evaluate(ema, val_set, scale, device)
+                log.write(event="eval", step=step, val_flow_loss=round(val, 5))
+                bar.write(f"step {step}: held-out flow-matching loss {val:.4f} (EMA)")
+            if time.time() - last_save > cfg.save_every:
+                save(step)
+                last_save = time.time()
+    except KeyboardInterrupt:
+        save(step)
+        bar.write(f"interrupted at step {step}: state saved to {state_path}; continue with --resume")
+        raise
+    bar.close()
+    save(step)
+    model_path = out / "model.safetensors"
+    if dist_env.main:
+        save_checkpoint(model_path, model_cfg, {"vae": vae_models.vae, "dit": ema},
+                        {"train_steps_dit": str(step), "train_steps_vae": vae_models.metadata.get("train_steps", "")})
+        log.write(event="done", step=step)
+    return model_path
+
+
+def parse_args(argv: list[str] | None = None) -> DiffusionTrainConfig:
+    d = DiffusionTrainConfig(data="", vae="")
+    p = argparse.ArgumentParser(prog="python -m training.diffusion", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="the dataset root the VAE was trained on (train/ and val/)")
+    p.add_argument("--vae", required=True, help="stage-1 checkpoint (OUT/vae.safetensors of training.vae)")
+    p.add_argument("--out", default=d.out, help="run directory (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=d.steps, help="total optimisation steps (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="latents per step per process")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate, cosine decay to 10%%")
+    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
+    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the shipped weights")
+    p.add_argument("--encode-passes", type=int, default=d.encode_passes,
+                   help="random input-view subsets encoded per training object (augmentation)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out loss evaluations")
+    p.add_argument("--save-every", type=float, default=d.save_every, help="seconds between state saves")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches, noise and dropout")
+    p.add_argument("--device", default=d.device, help="cpu or cuda (one GPU per torchrun process)")
+    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
+    args = p.parse_args(argv)
+    return DiffusionTrainConfig(**vars(args))
+
+
+def main(argv: list[str] | None = None) -> None:
+    print(f"wrote {train(parse_args(argv))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -26,7 +26,6 @@ from ln3diff_rt.text import TextEncoder
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "ln3diff-tiny.safetensors"
 BACKENDS = ("eager", "compile", "aoti", "onnx", "tensorrt")
-MESH_FORMATS = ("glb", "obj", "ply")
 PREVIEW_ELEVATION, PREVIEW_RADIUS, PREVIEW_FOV = 20.0, 3.2, math.radians(50.0)
 
 ProgressFn = Callable[[str, int, int], None]  # (stage, done, total)

@@ -36,6 +36,7 @@ def presets_table() -> str:
              f"{'tri-plane':>14} {'DiT tokens':>10}"
     lines = [header]
     for r in rows:
-        lines.append(f"{r['preset']:<7} {r['encoder'] / 1e6:>8.2f}M {r['decoder'] / 1e6:>8.2f}M {r['dit'] / 1e6:>8.2f}M "
-                     f"{r['input']:>16} {r['latent']:>12} {r['triplane']:>14} {r['dit_tokens']:>10}")
+        millions = " ".join(f"{r[k] / 1e6:>8.2f}M" for k in ("encoder", "decoder", "dit"))
+        shapes = f"{r['input']:>16} {r['latent']:>12} {r['triplane']:>14} {r['dit_tokens']:>10}"
+        lines.append(f"{r['preset']:<7} {millions} {shapes}")
     return "\n".join(lines)

@@ -113,3 +113,15 @@ class JsonlLog:
             record["time"] = round(time.time() - self.start, 3)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def replica_divergence(model: torch.nn.Module, world: int) -> float:
+    """Largest absolute difference between any replica's weights and rank 0's (0.0 when DDP kept them equal)."""
+    if world == 1:
+        return 0.0
+    flat = torch.cat([p.detach().flatten().float() for p in model.parameters()])
+    reference = flat.clone()
+    dist.broadcast(reference, src=0)
+    diff = (flat - reference).abs().max()
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()

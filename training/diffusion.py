@@ -30,8 +30,15 @@ from ln3diff_rt.checkpoint import load_models, save_checkpoint
 from ln3diff_rt.config import get_preset
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.sampling import Condition, flow_matching_loss
-from training.common import (JsonlLog, batch_indices, load_train_state, save_train_state, setup_distributed,
-                             step_generator)
+from training.common import (
+    JsonlLog,
+    batch_indices,
+    load_train_state,
+    replica_divergence,
+    save_train_state,
+    setup_distributed,
+    step_generator,
+)
 from training.latents import LatentSet, build_latent_cache, load_latents
 
 
@@ -170,11 +177,12 @@ def train(cfg: DiffusionTrainConfig) -> Path:
         raise
     bar.close()
     save(step)
+    divergence = replica_divergence(dit, dist_env.world)  # collective: every rank calls it
     model_path = out / "model.safetensors"
     if dist_env.main:
         save_checkpoint(model_path, model_cfg, {"vae": vae_models.vae, "dit": ema},
                         {"train_steps_dit": str(step), "train_steps_vae": vae_models.metadata.get("train_steps", "")})
-        log.write(event="done", step=step)
+        log.write(event="done", step=step, world=dist_env.world, replica_divergence=divergence)
     return model_path
 
 

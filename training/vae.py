@@ -29,8 +29,16 @@ from ln3diff_rt.checkpoint import save_checkpoint
 from ln3diff_rt.config import ModelConfig, get_preset
 from ln3diff_rt.models.vae import TriplaneVAE, encoder_input
 from ln3diff_rt.rendering import render_chunked, render_rays
-from training.common import (Dist, JsonlLog, batch_indices, load_train_state, save_train_state, setup_distributed,
-                             step_generator)
+from training.common import (
+    Dist,
+    JsonlLog,
+    batch_indices,
+    load_train_state,
+    replica_divergence,
+    save_train_state,
+    setup_distributed,
+    step_generator,
+)
 from training.data.dataset import MultiViewDataset
 
 
@@ -194,10 +202,12 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         raise
     bar.close()
     save(step)
+    divergence = replica_divergence(vae, dist_env.world)  # collective: every rank calls it
     model_path = out / "vae.safetensors"
     if dist_env.main:
         save_checkpoint(model_path, model_cfg, {"vae": vae}, {"train_steps": str(step)})
-        log.write(event="done", step=step, skipped=[f"{p}: {why}" for p, why in train_set.skipped])
+        log.write(event="done", step=step, world=dist_env.world, replica_divergence=divergence,
+                  skipped=[f"{p}: {why}" for p, why in train_set.skipped])
         if train_set.skipped:
             print(f"skipped {len(train_set.skipped)} bad objects (see {out / 'log.jsonl'})", file=sys.stderr)
     return model_path

@@ -11,8 +11,15 @@ import torch
 from torch import nn
 
 from ln3diff_rt.config import ModelConfig
-from ln3diff_rt.models.layers import (Attention, Mlp, TimestepEmbedder, modulate, patchify, triplane_pos_embed,
-                                      unpatchify)
+from ln3diff_rt.models.layers import (
+    Attention,
+    Mlp,
+    TimestepEmbedder,
+    modulate,
+    patchify,
+    triplane_pos_embed,
+    unpatchify,
+)
 
 
 class DiTBlock(nn.Module):

@@ -1,0 +1,39 @@
+"""Writing a generation result to disk: the mesh file, turntable PNGs and an animated GIF."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from PIL import Image
+
+from ln3diff_rt.mesh_export import export_mesh
+from ln3diff_rt.pipeline import GenerationResult
+
+
+def slug(prompt: str, seed: int) -> str:
+    """A file-name stem from the prompt and seed: 'a red cube', 7 -> 'a-red-cube_s7'."""
+    stem = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "object"
+    return f"{stem}_s{seed}"
+
+
+def write_result(result: GenerationResult, out_dir: str | Path, mesh_format: str = "glb") -> list[Path]:
+    """Write what the result holds; returns the written paths (the mesh is skipped when empty)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = slug(result.prompt, result.seed)
+    written = []
+    if result.mesh is not None and not result.mesh.empty:
+        path = out / f"{stem}.{mesh_format}"
+        export_mesh(result.mesh, path, format=mesh_format)
+        written.append(path)
+    frames = [Image.fromarray(f) for f in result.previews]
+    for i, frame in enumerate(frames):
+        path = out / f"{stem}_view{i:02d}.png"
+        frame.save(path)
+        written.append(path)
+    if len(frames) > 1:
+        path = out / f"{stem}_turntable.gif"
+        frames[0].save(path, save_all=True, append_images=frames[1:], duration=120, loop=0)
+        written.append(path)
+    return written

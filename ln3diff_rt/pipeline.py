@@ -20,7 +20,7 @@ import torch
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.checkpoint import Models, load_models
 from ln3diff_rt.meshing import MeshResult, extract_mesh
-from ln3diff_rt.rendering import render_chunked
+from ln3diff_rt.rendering import occupancy_grid, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
 
@@ -172,20 +172,17 @@ class Generator:
         """A turntable of `preview_views` frames around the object, ray-marched from the tri-plane."""
         size = options.preview_size
         intrinsics = intrinsics_from_fov(PREVIEW_FOV, size, size)
+        planes = planes[None].to(self.device)
+        occupancy = occupancy_grid(self.components.field, planes) if options.preview_views else None
         frames = []
         for i in range(options.preview_views):
             c2w = orbit_camera(360.0 * i / options.preview_views - 90.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
             origins, dirs = camera_rays(c2w, intrinsics, size, size)
-            out = render_chunked(self._field_module(), planes[None].to(self.device),
-                                 origins.reshape(1, -1, 3).to(self.device), dirs.reshape(1, -1, 3).to(self.device),
-                                 self.config.renderer)
+            out = render_chunked(self.components.field, planes, origins.reshape(1, -1, 3).to(self.device),
+                                 dirs.reshape(1, -1, 3).to(self.device), self.config.renderer, occupancy=occupancy)
             rgb = out.rgb[0].reshape(size, size, 3).clamp(0, 1)
             frames.append((rgb * 255.0 + 0.5).to(torch.uint8).cpu().numpy())
         return frames
-
-    def _field_module(self):
-        # render_chunked needs the field as a module-like callable; a compiled engine callable works the same way
-        return self.components.field
 
     # -- the whole request -----------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ import torch
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.config import RendererConfig
-from ln3diff_rt.rendering import TriplaneField, importance_t, render_rays
+from ln3diff_rt.rendering import TriplaneField, importance_t, occupancy_grid, render_rays
 
 RADIUS = 0.6
 
@@ -78,3 +78,20 @@ def test_importance_samples_concentrate_on_weights():
     g = torch.Generator().manual_seed(0)
     t2 = importance_t(bins, weights, 50, perturb=True, generator=g)
     assert ((t2 >= 0.7) & (t2 <= 0.8)).float().mean() > 0.9
+
+
+def test_occupancy_skipping_matches_full_marching():
+    cfg = RendererConfig(hidden=1, num_samples=48, num_importance=48)
+    field, planes = sphere_field(cfg), sphere_triplane(65)
+    origins, dirs = camera_rays(orbit_camera(60.0, 30.0, 2.5), intrinsics_from_fov(0.9, 29, 29), 29, 29)
+    origins, dirs = origins.reshape(1, -1, 3), dirs.reshape(1, -1, 3)
+    occupancy = occupancy_grid(field, planes, resolution=16)
+    assert 0.05 < occupancy.float().mean() < 0.5  # it does skip most of the box
+    with torch.no_grad():
+        full = render_rays(field, planes, origins, dirs, cfg)
+        skipped = render_rays(field, planes, origins, dirs, cfg, occupancy=occupancy)
+    assert torch.allclose(full.rgb, skipped.rgb, atol=2e-3)
+    assert torch.allclose(full.opacity, skipped.opacity, atol=2e-3)
+    with pytest.raises(ValueError, match="one object at a time"):
+        render_rays(field, planes.expand(2, -1, -1, -1, -1), origins.expand(2, -1, -1), dirs.expand(2, -1, -1), cfg,
+                    occupancy=occupancy)

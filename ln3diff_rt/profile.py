@@ -1,0 +1,286 @@
+"""Where every millisecond of a request goes.
+
+    python -m ln3diff_rt.profile                          # the shipped model, eager, CPU
+    python -m ln3diff_rt.profile --preset paper --device cuda --batch-sizes 1
+    python -m ln3diff_rt.profile --compare eager,compile --json profile.json
+    python -m ln3diff_rt.profile --trace trace.json       # torch.profiler trace (Perfetto / chrome://tracing)
+
+Runs warm-up requests, then repeated timed requests, and reports the median and p90 of each
+stage: text encoding, every denoiser step, VAE decode, the field queries of mesh extraction,
+the rest of mesh extraction (marching cubes, decimation, colours), preview rendering and the
+GLB export; plus the end-to-end time, the sum of the stages, and peak memory. On a GPU the
+stages are timed with CUDA events. A preset without a checkpoint gets random weights, so the
+`paper` scale can be timed without trained weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ln3diff_rt.checkpoint import Models
+from ln3diff_rt.config import get_preset
+from ln3diff_rt.mesh_export import mesh_bytes
+from ln3diff_rt.pipeline import BACKENDS, Components, GenerationOptions, Generator
+from ln3diff_rt.sampling import Condition
+
+
+class StageClock:
+    """Accumulates per-stage times; CUDA events on a GPU, perf_counter on the CPU."""
+
+    def __init__(self, device: str):
+        self.cuda = str(device).startswith("cuda")
+        self.times: dict[str, float] = {}
+
+    def now(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def elapsed(self, start, end) -> float:
+        if self.cuda:
+            end.synchronize()
+            return start.elapsed_time(end) / 1000.0
+        return end - start
+
+    def add(self, stage: str, seconds: float) -> None:
+        self.times[stage] = self.times.get(stage, 0.0) + seconds
+
+    def time(self, stage: str):
+        clock = self
+
+        class _Block:
+            def __enter__(self):
+                self.start = clock.now()
+
+            def __exit__(self, *exc):
+                clock.add(stage, clock.elapsed(self.start, clock.now()))
+
+        return _Block()
+
+
+def timed_field(field: Callable, clock: StageClock, stage: str) -> Callable:
+    def wrapped(planes, points):
+        with clock.time(stage):
+            return field(planes, points)
+
+    return wrapped
+
+
+def random_weight_generator(preset: str, device: str, seed: int = 0) -> Generator:
+    """A Generator for a preset with random weights; the DiT's zero-initialised modulation is perturbed
+    so every layer does real work, and the MiniLM text tokens are projected to the preset's context width."""
+    from ln3diff_rt.models.dit import DiT
+    from ln3diff_rt.models.vae import TriplaneVAE
+    from ln3diff_rt.text import TextEncoder
+
+    cfg = get_preset(preset)
+    torch.manual_seed(seed)
+    vae, dit = TriplaneVAE(cfg).to(device).eval(), DiT(cfg).to(device).eval()
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    text = TextEncoder(max_length=cfg.dit.context_len).to(device)
+    projection = torch.randn(text.width, cfg.dit.context_dim, device=device) / text.width ** 0.5
+
+    def encode(prompts: list[str]) -> Condition:
+        cond = text(prompts)
+        if cond.context.shape[-1] == cfg.dit.context_dim:
+            return cond
+        return Condition(cond.context @ projection, cond.pooled @ projection)
+
+    models = Models(cfg, vae, dit, Path(f"<random {preset}>"), {})
+    return Generator(models, device, Components(encode, dit, vae.decode, vae.field), backend="eager")
+
+
+@dataclass
+class Workload:
+    batch_size: int
+    options: GenerationOptions
+    mesh: bool = True
+
+
+def profile_request(gen: Generator, work: Workload, clock: StageClock, seed: int) -> float:
+    """One request with every stage timed into `clock`; returns the end-to-end seconds."""
+    gen._text_cache.clear()  # time the text encoder, not the cache
+    prompts = [f"a red cube {i}" for i in range(work.batch_size)]
+    seeds = [seed + i for i in range(work.batch_size)]
+    components = gen.components
+    start = clock.now()
+    with clock.time("text_encode"):
+        gen.encode_text(prompts + [""])
+    marks = [clock.now()]
+
+    def on_step(stage: str, done: int, total: int) -> None:
+        marks.append(clock.now())
+        clock.add(f"denoise_step_{done:02d}", clock.elapsed(marks[-2], marks[-1]))
+
+    latents = gen.sample_latents(prompts, seeds, work.options, progress=on_step)
+    with clock.time("vae_decode"):
+        planes = gen.decode(latents)
+    original_field = components.field
+    try:
+        for i in range(work.batch_size):
+            if work.mesh:
+                components.field = timed_field(original_field, clock, "field_queries")
+                with clock.time("mesh_total"):
+                    mesh = gen.extract_mesh(planes[i], work.options)
+                components.field = original_field
+                if not mesh.empty:
+                    with clock.time("export_glb"):
+                        mesh_bytes(mesh, "glb")
+            if work.options.preview_views:
+                with clock.time("preview_render"):
+                    gen.render_previews(planes[i], work.options)
+    finally:
+        components.field = original_field
+    total = clock.elapsed(start, clock.now())
+    if "mesh_total" in clock.times:
+        clock.times["mesh_extract"] = clock.times.pop("mesh_total") - clock.times.get("field_queries", 0.0)
+    return total
+
+
+def peak_memory_mb(device: str) -> float:
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def profile(gen: Generator, work: Workload, repeats: int, warmup: int) -> dict:
+    """Warm up, then time `repeats` requests; median and p90 per stage."""
+    for i in range(warmup):
+        profile_request(gen, work, StageClock(gen.device), seed=10_000 + i)
+    if str(gen.device).startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    runs, totals = [], []
+    for i in range(repeats):
+        clock = StageClock(gen.device)
+        totals.append(profile_request(gen, work, clock, seed=i))
+        runs.append(clock.times)
+    stages = sorted({s for r in runs for s in r}, key=_stage_order)
+    table = {s: _summary([r.get(s, 0.0) for r in runs]) for s in stages}
+    return {"backend": gen.backend, "device": str(gen.device), "batch_size": work.batch_size,
+            "steps": work.options.steps, "repeats": repeats, "stages": table, "end_to_end": _summary(totals),
+            "stage_sum_median": sum(v["median"] for v in table.values()), "peak_memory_mb": peak_memory_mb(gen.device)}
+
+
+def _summary(values: list[float]) -> dict:
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, round(0.9 * (len(ordered) - 1)))]
+    return {"median": statistics.median(values), "p90": p90}
+
+
+_ORDER = ["text_encode", "denoise_step", "vae_decode", "field_queries", "mesh_extract", "export_glb", "preview_render"]
+
+
+def _stage_order(stage: str):
+    prefix = next((i for i, p in enumerate(_ORDER) if stage.startswith(p)), len(_ORDER))
+    return prefix, stage
+
+
+def format_table(result: dict) -> str:
+    lines = [f"backend {result['backend']}, device {result['device']}, batch {result['batch_size']}, "
+             f"{result['steps']} steps, {result['repeats']} timed runs",
+             f"{'stage':<22} {'median ms':>10} {'p90 ms':>10} {'share':>7}"]
+    total = result["end_to_end"]["median"]
+    for stage, s in result["stages"].items():
+        lines.append(f"{stage:<22} {s['median'] * 1e3:>10.1f} {s['p90'] * 1e3:>10.1f} {s['median'] / total:>7.1%}")
+    lines.append(f"{'sum of stages':<22} {result['stage_sum_median'] * 1e3:>10.1f}")
+    lines.append(f"{'end to end':<22} {total * 1e3:>10.1f} {result['end_to_end']['p90'] * 1e3:>10.1f}")
+    lines.append(f"peak memory {result['peak_memory_mb']:.0f} MiB")
+    return "\n".join(lines)
+
+
+def build_generator(args, backend: str) -> Generator:
+    if args.preset:
+        if backend != "eager":
+            raise ValueError("--preset profiles random weights with the eager backend; export a checkpoint "
+                             "to profile compiled backends")
+        return random_weight_generator(args.preset, args.device)
+    return Generator.from_checkpoint(args.ckpt, device=args.device, backend=backend, engine_dir=args.engine)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ln3diff_rt.profile", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--ckpt", default=None, help="checkpoint to profile (default: the shipped model)")
+    source.add_argument("--preset", choices=["tiny", "base", "paper"], help="random weights at this preset's size")
+    p.add_argument("--backend", default="eager", choices=BACKENDS, help="backend to profile (default: eager)")
+    p.add_argument("--engine", default=None, help="engine directory for aoti/onnx/tensorrt")
+    p.add_argument("--compare", default=None, help="comma-separated backends run on the same workload, with ratios")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
+    p.add_argument("--steps", type=int, default=8, help="denoiser steps (default: 8)")
+    p.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid (default: 128)")
+    p.add_argument("--preview-views", type=int, default=2, help="turntable frames per object (default: 2)")
+    p.add_argument("--no-mesh", action="store_true", help="skip mesh extraction and export")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs (default: 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
+    p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument("--trace", default=None, help="write a torch.profiler trace of one request here")
+    args = p.parse_args(argv)
+    try:
+        batches = [int(b) for b in args.batch_sizes.split(",")]
+        backends = args.compare.split(",") if args.compare else [args.backend]
+        for b in backends:
+            if b not in BACKENDS:
+                raise ValueError(f"--compare: unknown backend {b!r}; expected some of {', '.join(BACKENDS)}")
+        options = GenerationOptions(steps=args.steps, mesh_resolution=args.mesh_resolution,
+                                    preview_views=args.preview_views, preview_size=96)
+        options.validate()
+        results = []
+        for backend in backends:
+            gen = build_generator(args, backend)
+            for batch in batches:
+                work = Workload(batch, options, mesh=not args.no_mesh)
+                result = profile(gen, work, args.repeats, args.warmup)
+                results.append(result)
+                print(format_table(result), end="\n\n")
+            if args.trace and backend == backends[0]:
+                write_trace(gen, Workload(batches[0], options, mesh=not args.no_mesh), args.trace)
+                print(f"wrote trace {args.trace}")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"ln3diff_rt.profile: error: {e}", file=sys.stderr)
+        return 2
+    if len(backends) > 1:
+        print(compare_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def compare_table(results: list[dict]) -> str:
+    """End-to-end medians per backend and batch, as ratios to the first backend (eager when listed first)."""
+    base = {r["batch_size"]: r["end_to_end"]["median"] for r in results if r["backend"] == results[0]["backend"]}
+    lines = [f"{'backend':<10} {'batch':>5} {'e2e ms':>10} {'sample ms':>10} {'speed-up':>9}"]
+    for r in results:
+        sample = sum(v["median"] for k, v in r["stages"].items() if k.startswith("denoise_step"))
+        e2e = r["end_to_end"]["median"]
+        lines.append(f"{r['backend']:<10} {r['batch_size']:>5} {e2e * 1e3:>10.1f} {sample * 1e3:>10.1f} "
+                     f"{base[r['batch_size']] / e2e:>8.2f}x")
+    return "\n".join(lines)
+
+
+def write_trace(gen: Generator, work: Workload, path: str) -> None:
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if str(gen.device).startswith("cuda"):
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=activities, record_shapes=True) as prof:
+        profile_request(gen, work, StageClock(gen.device), seed=0)
+    prof.export_chrome_trace(path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

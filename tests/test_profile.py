@@ -1,0 +1,42 @@
+"""The latency profiler: runs in seconds on the shipped tiny model, reports every stage, stages add up."""
+
+import json
+
+from ln3diff_rt.pipeline import GenerationOptions, Generator
+from ln3diff_rt.profile import Workload, format_table, main, profile, random_weight_generator
+
+
+def test_profile_shipped_model_has_every_stage_and_adds_up():
+    gen = Generator.from_checkpoint()
+    options = GenerationOptions(steps=4, mesh_resolution=48, preview_views=1, preview_size=32, faces=None)
+    result = profile(gen, Workload(1, options), repeats=2, warmup=1)
+    stages = set(result["stages"])
+    expected = {"text_encode", "vae_decode", "field_queries", "mesh_extract", "export_glb", "preview_render"}
+    assert expected <= stages
+    assert {f"denoise_step_{i:02d}" for i in range(1, 5)} <= stages
+    for s in result["stages"].values():
+        assert 0 < s["median"] <= s["p90"]
+    e2e = result["end_to_end"]["median"]
+    assert abs(result["stage_sum_median"] - e2e) < 0.1 * e2e
+    assert result["peak_memory_mb"] > 0
+    assert "end to end" in format_table(result)
+
+
+def test_profile_cli_random_preset_writes_json(tmp_path):
+    out = tmp_path / "profile.json"
+    assert main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--steps", "2", "--no-mesh",
+                 "--preview-views", "0", "--batch-sizes", "1,2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert [r["batch_size"] for r in results] == [1, 2]
+    assert all("denoise_step_02" in r["stages"] for r in results)
+
+
+def test_random_weight_paper_generator_projects_text_to_context_width():
+    gen = random_weight_generator("tiny", "cpu")
+    cond = gen.components.text_encoder(["a red cube"])
+    assert cond.context.shape[-1] == gen.config.dit.context_dim
+
+
+def test_profile_cli_rejects_unknown_backend(capsys):
+    assert main(["--preset", "tiny", "--compare", "eager,warp"]) == 2
+    assert "unknown backend 'warp'" in capsys.readouterr().err

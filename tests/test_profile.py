@@ -31,7 +31,7 @@ def test_profile_cli_random_preset_writes_json(tmp_path):
     assert all("denoise_step_02" in r["stages"] for r in results)
 
 
-def test_random_weight_paper_generator_projects_text_to_context_width():
+def test_random_weight_generator_text_matches_context_width():
     gen = random_weight_generator("tiny", "cpu")
     cond = gen.components.text_encoder(["a red cube"])
     assert cond.context.shape[-1] == gen.config.dit.context_dim

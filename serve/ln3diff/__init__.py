@@ -1,0 +1,1 @@
+"""Generated protobuf packages, one folder per proto package (python -m serve.codegen)."""

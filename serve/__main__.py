@@ -1,0 +1,87 @@
+"""`python -m serve --ckpt PATH [--port 50051] [--device cpu] ...`: run the ln3diff.v1 gRPC server.
+
+SIGTERM or SIGINT starts a graceful shutdown: health turns NOT_SERVING, new RPCs are refused,
+in-flight ones get `--grace` seconds to finish and are then cancelled. Logs are JSON lines on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ln3diff_rt.pipeline import BACKENDS, Generator
+from serve.observability import configure_json_logging
+from serve.server import Server, ServerConfig
+
+log = logging.getLogger("serve")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m serve", description="ln3diff.v1 gRPC server (text to 3D mesh).")
+    p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the shipped tiny model)")
+    p.add_argument("--backend", choices=BACKENDS, default="eager")
+    p.add_argument("--engine", type=Path, default=None, help="engine directory for aoti/onnx/tensorrt backends")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 or [::] for all interfaces")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (logged)")
+    p.add_argument("--max-batch", type=int, default=8, help="compatible requests sampled together")
+    p.add_argument("--max-wait-ms", type=float, default=20.0,
+                   help="how long the oldest waiting request waits for batch partners")
+    p.add_argument("--max-queue", type=int, default=32, help="waiting requests beyond this get RESOURCE_EXHAUSTED")
+    p.add_argument("--token", default=os.environ.get("LN3DIFF_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' (default: $LN3DIFF_TOKEN; unset: no auth)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this HTTP port")
+    p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = p.parse_args(argv)
+    if (args.tls_cert is None) != (args.tls_key is None):
+        p.error("--tls-cert and --tls-key go together")
+    for name in ("ckpt", "tls_cert", "tls_key"):
+        path = getattr(args, name)
+        if path is not None and not path.is_file():
+            p.error(f"--{name.replace('_', '-')} {path}: no such file")
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
+        p.error("--max-batch and --max-queue must be at least 1, --max-wait-ms at least 0")
+    return args
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          max_queue=args.max_queue, token=args.token or None, tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, metrics_port=args.metrics_port)
+    server = Server(lambda: Generator.from_checkpoint(args.ckpt, args.device, args.backend, args.engine), config)
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    load, stopped = asyncio.create_task(server.load()), asyncio.create_task(stop.wait())
+    await asyncio.wait({load, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if load.done() and load.exception() is not None:
+        await server.stop(0)
+        raise load.exception()
+    await stopped
+    await server.stop(args.grace)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_json_logging(args.log_level)
+    try:
+        asyncio.run(serve(args))
+    except (ValueError, OSError, RuntimeError) as e:  # bad checkpoint, engine or bind address: one line
+        log.error("cannot serve", extra={"fields": {"error": f"{type(e).__name__}: {e}"}})
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Loopback load test of the gRPC server: micro-batching on (max batch 8) vs off (max batch 1).
+
+Workload: `--clients` threads (default 8) each send Generate requests back to back, `--requests`
+in all per mode, all with the same sampling settings (8 Euler steps, CFG 3, so batchable), four
+distinct prompts, fresh seeds, no mesh and no previews (skip_mesh, preview_views 0): what is timed
+is admission, text encoding (cached), sampling, decoding and streaming, and sampling dominates.
+Server and clients share this process, on the loopback interface; latency is per request, from
+the call to the final message. The tiny preset's cost does not depend on its weights, so without
+a checkpoint a random-weight one is made.
+
+    python benchmarks/bench_serve.py [--ckpt PATH] [--clients 8] [--requests 64] [--json [PATH]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT, Generator
+from serve.client import Client
+from serve.server import ServerConfig, ServerThread
+
+PROMPTS = ["a red cube", "a wooden chair", "a blue vase", "a small house"]
+WORKLOAD = dict(steps=8, guidance=3.0, skip_mesh=True, preview_views=0)
+
+
+def random_checkpoint(directory: Path) -> Path:
+    from ln3diff_rt.checkpoint import save_checkpoint
+    from ln3diff_rt.config import get_preset
+    from ln3diff_rt.models.dit import DiT
+    from ln3diff_rt.models.vae import TriplaneVAE
+
+    cfg = get_preset("tiny")
+    torch.manual_seed(0)
+    path = directory / "tiny-random.safetensors"
+    save_checkpoint(path, cfg, {"vae": TriplaneVAE(cfg), "dit": DiT(cfg)})
+    return path
+
+
+def load(generator: Generator, clients: int, requests: int, max_batch: int, max_wait_ms: float,
+         timeout: float) -> dict:
+    """Throughput and latency percentiles of `requests` Generate calls from `clients` threads."""
+    server = ServerThread(lambda: generator, ServerConfig(port=0, max_batch=max_batch, max_wait_ms=max_wait_ms,
+                                                          max_queue=4 * clients)).wait_serving()
+    try:
+        with Client(f"127.0.0.1:{server.port}") as client:
+            def one(i: int) -> tuple[float, int]:
+                t = time.perf_counter()
+                result = client.generate(PROMPTS[i % len(PROMPTS)], seed=i + 1, timeout=timeout, **WORKLOAD).result
+                return time.perf_counter() - t, result.batch_size
+
+            with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+                list(pool.map(one, range(clients)))  # warm-up: one round, not timed
+                start = time.perf_counter()
+                outcomes = list(pool.map(one, range(clients, clients + requests)))
+                wall = time.perf_counter() - start
+    finally:
+        server.stop()
+    latency = np.array([o[0] for o in outcomes]) * 1e3
+    return {"max_batch": max_batch, "requests": requests, "seconds": wall, "throughput_rps": requests / wall,
+            "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95)),
+            "p99_ms": float(np.percentile(latency, 99)), "mean_batch": float(np.mean([o[1] for o in outcomes]))}
+
+
+def print_table(off: dict, on: dict) -> None:
+    print(f"{'case':<22} {'batching off':>13} {'batching on':>13} {'ratio':>7}")
+    rows = [("throughput req/s", "throughput_rps", on["throughput_rps"] / off["throughput_rps"]),
+            ("latency p50 ms", "p50_ms", off["p50_ms"] / on["p50_ms"]),
+            ("latency p95 ms", "p95_ms", off["p95_ms"] / on["p95_ms"]),
+            ("latency p99 ms", "p99_ms", off["p99_ms"] / on["p99_ms"]),
+            ("mean batch size", "mean_batch", on["mean_batch"] / off["mean_batch"])]
+    for name, key, ratio in rows:
+        print(f"{name:<22} {off[key]:>13.2f} {on[key]:>13.2f} {ratio:>6.2f}x")
+    print("ratio: on / off for throughput and batch size, off / on for latency (higher is better for batching)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ckpt", type=Path, default=None, help="default: the shipped model if present, "
+                        "else a random-weight tiny checkpoint")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=64, help="timed requests per mode")
+    parser.add_argument("--max-batch", type=int, default=8)
+    parser.add_argument("--max-wait-ms", type=float, default=20.0)
+    parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each request, seconds")
+    parser.add_argument("--json", nargs="?", const=str(Path(__file__).with_suffix(".json")), default=None,
+                        help="also write the figures as JSON (default path: beside this script)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = args.ckpt or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else random_checkpoint(Path(tmp)))
+        generator = Generator.from_checkpoint(ckpt, args.device)
+        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
+              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, checkpoint {Path(ckpt).name}")
+        print(f"workload: {args.clients} clients, {args.requests} requests per mode, {WORKLOAD}")
+        off = load(generator, args.clients, args.requests, 1, args.max_wait_ms, args.timeout)
+        on = load(generator, args.clients, args.requests, args.max_batch, args.max_wait_ms, args.timeout)
+    print_table(off, on)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"workload": {**WORKLOAD, "clients": args.clients},
+                                               "off": off, "on": on}, indent=2) + "\n")
+        print(f"wrote {args.json}")
+
+if __name__ == "__main__":
+    main()

@@ -128,3 +128,31 @@ def test_torchrun_two_cpu_processes_keep_identical_replicas(dataset, tmp_path):
     assert done["world"] == 2
     assert done["replica_divergence"] == 0.0
     assert (out / "vae.safetensors").is_file()
+
+
+def test_sigterm_saves_the_state_and_resume_continues(dataset, tmp_path):
+    import signal
+    import time
+
+    from safetensors import safe_open
+
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "training.vae", "--data", str(dataset), "--out", str(out), "--steps", "1000",
+           "--batch-size", "1", "--rays-per-object", "64", "--target-views", "2", "--eval-every", "1000",
+           "--save-every", "100000"]  # no periodic save: only the signal handler can write the state
+    proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE)
+    log = out / "log.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (log.is_file() and len(records(log, "train")) >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    last_logged = records(log, "train")[-1]["step"]
+    with safe_open(str(out / "train_state.safetensors"), "pt") as f:
+        saved = int(f.metadata()["step"])
+    assert 3 <= saved and saved in (last_logged, last_logged + 1)  # the step in flight may have finished
+    resumed = vae_training.train(small_vae_config(dataset, out, steps=saved + 2, resume=True, batch_size=1,
+                                                  rays_per_object=64))
+    assert records(log, "train")[-1]["step"] == saved + 2
+    assert load_models(resumed).vae is not None

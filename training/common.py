@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,3 +127,12 @@ def replica_divergence(model: torch.nn.Module, world: int) -> float:
     diff = (flat - reference).abs().max()
     dist.all_reduce(diff, op=dist.ReduceOp.MAX)
     return diff.item()
+
+
+def raise_on_sigterm() -> None:
+    """Turn SIGTERM (kill, schedulers, torchrun shutting down) into KeyboardInterrupt, so the loop saves its state."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)

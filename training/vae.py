@@ -34,6 +34,7 @@ from training.common import (
     JsonlLog,
     batch_indices,
     load_train_state,
+    raise_on_sigterm,
     replica_divergence,
     save_train_state,
     setup_distributed,
@@ -164,6 +165,7 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         if dist_env.main:
             save_train_state(state_path, model_cfg, vae, optimizer, step, {"train_config": dataclasses.asdict(cfg)})
 
+    raise_on_sigterm()
     last_save = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc="vae", dynamic_ncols=True)
     try:

@@ -5,10 +5,11 @@ in all per mode, all with the same sampling settings (8 Euler steps, CFG 3, so b
 distinct prompts, fresh seeds, no mesh and no previews (skip_mesh, preview_views 0): what is timed
 is admission, text encoding (cached), sampling, decoding and streaming, and sampling dominates.
 Server and clients share this process, on the loopback interface; latency is per request, from
-the call to the final message. The tiny preset's cost does not depend on its weights, so without
-a checkpoint a random-weight one is made.
+the call to the final message. The modes alternate over `--rounds` so that drifting background
+load hits both alike; the per-round ratios show how much that load moves the result. The tiny
+preset's cost does not depend on its weights, so without a checkpoint a random-weight one is made.
 
-    python benchmarks/bench_serve.py [--ckpt PATH] [--clients 8] [--requests 64] [--json [PATH]]
+    python benchmarks/bench_serve.py [--ckpt PATH] [--clients 8] [--requests 96] [--rounds 3] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ def random_checkpoint(directory: Path) -> Path:
 
 
 def load(generator: Generator, clients: int, requests: int, max_batch: int, max_wait_ms: float,
-         timeout: float) -> dict:
-    """Throughput and latency percentiles of `requests` Generate calls from `clients` threads."""
+         timeout: float) -> tuple[float, list[float], list[int]]:
+    """(wall seconds, latencies in seconds, batch sizes) of `requests` Generate calls from `clients` threads."""
     server = ServerThread(lambda: generator, ServerConfig(port=0, max_batch=max_batch, max_wait_ms=max_wait_ms,
                                                           max_queue=4 * clients)).wait_serving()
     try:
@@ -64,10 +65,15 @@ def load(generator: Generator, clients: int, requests: int, max_batch: int, max_
                 wall = time.perf_counter() - start
     finally:
         server.stop()
-    latency = np.array([o[0] for o in outcomes]) * 1e3
-    return {"max_batch": max_batch, "requests": requests, "seconds": wall, "throughput_rps": requests / wall,
+    return wall, [o[0] for o in outcomes], [o[1] for o in outcomes]
+
+
+def summary(runs: list[tuple[float, list[float], list[int]]]) -> dict:
+    latency = np.concatenate([r[1] for r in runs]) * 1e3
+    return {"requests": len(latency), "seconds": sum(r[0] for r in runs),
+            "throughput_rps": len(latency) / sum(r[0] for r in runs),
             "p50_ms": float(np.percentile(latency, 50)), "p95_ms": float(np.percentile(latency, 95)),
-            "p99_ms": float(np.percentile(latency, 99)), "mean_batch": float(np.mean([o[1] for o in outcomes]))}
+            "p99_ms": float(np.percentile(latency, 99)), "mean_batch": float(np.mean([b for r in runs for b in r[2]]))}
 
 
 def print_table(off: dict, on: dict) -> None:
@@ -88,7 +94,8 @@ def main() -> None:
                         "else a random-weight tiny checkpoint")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=64, help="timed requests per mode")
+    parser.add_argument("--requests", type=int, default=96, help="timed requests per mode, split over the rounds")
+    parser.add_argument("--rounds", type=int, default=3, help="off/on pairs, interleaved")
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--max-wait-ms", type=float, default=20.0)
     parser.add_argument("--timeout", type=float, default=120.0, help="deadline of each request, seconds")
@@ -101,12 +108,18 @@ def main() -> None:
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, checkpoint {Path(ckpt).name}")
         print(f"workload: {args.clients} clients, {args.requests} requests per mode, {WORKLOAD}")
-        off = load(generator, args.clients, args.requests, 1, args.max_wait_ms, args.timeout)
-        on = load(generator, args.clients, args.requests, args.max_batch, args.max_wait_ms, args.timeout)
+        runs: dict[bool, list] = {False: [], True: []}
+        for i in range(args.rounds):  # alternate the order: background load drifts, both modes see it alike
+            for batching in (False, True) if i % 2 == 0 else (True, False):
+                runs[batching].append(load(generator, args.clients, args.requests // args.rounds,
+                                           args.max_batch if batching else 1, args.max_wait_ms, args.timeout))
+    off, on = summary(runs[False]), summary(runs[True])
+    per_round = [len(b[1]) / b[0] / (len(a[1]) / a[0]) for a, b in zip(runs[False], runs[True], strict=True)]
     print_table(off, on)
+    print(f"throughput ratio per round: {', '.join(f'{r:.2f}x' for r in per_round)}")
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": {**WORKLOAD, "clients": args.clients},
-                                               "off": off, "on": on}, indent=2) + "\n")
+                                               "off": off, "on": on, "ratio_per_round": per_round}, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 if __name__ == "__main__":

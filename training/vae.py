@@ -55,7 +55,7 @@ class VAETrainConfig:
     input_views: int = 0  # 0: the preset's encoder.num_views
     target_views: int = 4
     rays_per_object: int = 1024
-    kl_weight: float = 1e-3
+    kl_weight: float = 1e-5  # per-element mean KL; 1e-3 collapsed the posterior (sigma ~0.8, colour lost)
     mask_weight: float = 0.5
     eval_every: int = 250
     eval_objects: int = 16

@@ -7,7 +7,7 @@ from ln3diff_rt.cameras import intrinsics_from_fov, orbit_camera
 from ln3diff_rt.config import PRESETS, get_preset
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.models.layers import patchify, unpatchify
-from ln3diff_rt.models.vae import TriplaneVAE, encoder_input
+from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.presets import describe
 from ln3diff_rt.rendering import render_rays
 
@@ -15,8 +15,11 @@ from ln3diff_rt.rendering import render_rays
 def _forward_shapes(cfg, batch):
     enc = cfg.encoder
     vae, dit = TriplaneVAE(cfg), DiT(cfg)
-    views = torch.randn(batch, enc.num_views, enc.in_channels, enc.image_size, enc.image_size)
-    mean, logvar = vae.encode(views)
+    images = torch.rand(batch, enc.num_views, 3, enc.image_size, enc.image_size)
+    c2w = torch.stack([orbit_camera(90.0 * i, 20.0, 4.0) for i in range(enc.num_views)]).expand(batch, -1, -1, -1)
+    intrinsics = intrinsics_from_fov(0.9, enc.image_size, enc.image_size).expand(batch, enc.num_views, 4)
+    depth = torch.rand(batch, enc.num_views, 1, enc.image_size, enc.image_size) if enc.use_depth else None
+    mean, logvar = vae.encode(images, c2w, intrinsics, depth)
     planes = vae.decode(mean)
     context = torch.randn(batch, cfg.dit.context_len, cfg.dit.context_dim)
     v = dit(mean, torch.rand(batch), context, torch.randn(batch, cfg.dit.context_dim))
@@ -64,8 +67,7 @@ def test_gradients_flow_encoder_to_renderer():
     b, v = 2, cfg.encoder.num_views
     c2w = torch.stack([torch.stack([orbit_camera(90.0 * i + 7 * j, 25.0, 2.7) for i in range(v)]) for j in range(b)])
     intr = intrinsics_from_fov(0.8, 64, 64).expand(b, v, 4)
-    views = encoder_input(torch.rand(b, v, 3, 64, 64), c2w, intr)
-    mean, logvar = vae.encode(views)
+    mean, logvar = vae.encode(torch.rand(b, v, 3, 64, 64), c2w, intr)
     planes = vae.decode(vae.sample_posterior(mean, logvar))
     origins = torch.randn(b, 37, 3) * 0.1 + torch.tensor([0.0, 0.0, 2.5])
     dirs = torch.nn.functional.normalize(-origins + 0.2 * torch.randn(b, 37, 3), dim=-1)
@@ -74,8 +76,8 @@ def test_gradients_flow_encoder_to_renderer():
     for name, p in vae.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     # every stage actually receives signal, not just the last layers
-    for module in (vae.encoder.stem, vae.encoder.head[-1], vae.decoder.embed, vae.decoder.upsampler.out,
-                   vae.field.mlp[0]):
+    for module in (vae.encoder.stem, vae.encoder.lift[-1], vae.encoder.head[-1], vae.decoder.embed,
+                   vae.decoder.upsampler.out, vae.field.mlp[0]):
         assert module.weight.grad.abs().sum() > 0
 
 
@@ -105,3 +107,38 @@ def test_dit_image_tokens_prepended():
     with pytest.raises(ValueError, match="image_dim"):
         DiT(get_preset("tiny"))(x, torch.rand(2), torch.randn(2, 32, 384), torch.randn(2, 384),
                                 image_tokens=torch.randn(2, 5, 24))
+
+
+def test_projection_lands_on_the_pixel_whose_ray_holds_the_point():
+    from ln3diff_rt.cameras import camera_rays
+    from ln3diff_rt.models.encoder import plane_sample_points, project_to_views
+
+    h, w = 24, 32
+    c2w = orbit_camera(40.0, 25.0, 3.0)
+    intr = intrinsics_from_fov(0.9, w, h)
+    origins, dirs = camera_rays(c2w, intr, h, w)
+    points = torch.stack([origins[5, 7] + 2.5 * dirs[5, 7], origins[17, 26] + 3.1 * dirs[17, 26]])
+    cols, rows = torch.meshgrid(torch.arange(w) + 0.5, torch.arange(h) + 0.5, indexing="xy")
+    feats = torch.stack([cols, rows])[None, None]  # a feature map that holds its own pixel coordinates
+    seen = project_to_views(feats, points, c2w[None, None], intr[None, None], (h, w))
+    torch.testing.assert_close(seen[0], torch.tensor([[7.5, 5.5], [26.5, 17.5]]), atol=1e-3, rtol=0)
+    grid = plane_sample_points(4, 3)
+    assert grid.shape == (3, 4, 4, 3, 3)
+    assert torch.allclose(grid[1, 2, 3, 0], torch.tensor([0.75, -2 / 3, 0.25]))  # xz plane: x=col, z=row, y=depth
+
+
+def test_encoder_latents_depend_on_the_views():
+    torch.manual_seed(0)
+    cfg = get_preset("tiny")
+    vae = TriplaneVAE(cfg)
+    v = cfg.encoder.num_views
+    c2w = torch.stack([orbit_camera(90.0 * i, 20.0, 4.0) for i in range(v)])[None]
+    intr = intrinsics_from_fov(0.9, 64, 64).expand(1, v, 4)
+    red = torch.ones(1, v, 3, 64, 64)
+    red[:, :, 1:, 24:40, 24:40] = 0.0  # a red square in the middle of each view
+    blue = torch.ones(1, v, 3, 64, 64)
+    blue[:, :, :2, 24:40, 24:40] = 0.0
+    with torch.no_grad():
+        a, _ = vae.encode(red, c2w, intr)
+        b, _ = vae.encode(blue, c2w, intr)
+    assert (a - b).std() > 0.1 * a.std()  # untrained, the input already shapes the latent

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
-from ln3diff_rt.models.vae import encoder_input
 from ln3diff_rt.pipeline import GenerationOptions, Generator
 from ln3diff_rt.rendering import render_chunked
 from training.data.dataset import MultiViewDataset, load_object
@@ -125,8 +124,7 @@ def calibrate_mesh_threshold(vae, dataset: MultiViewDataset, thresholds=None) ->
     dataset.set_epoch(0)
     for i, record in enumerate(dataset.records):
         item = dataset[i]
-        views = encoder_input(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
-        mean, _ = vae.encode(views)
+        mean, _ = vae.encode(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
         density = vae.field(vae.decode(mean), points[None])[0][0].numpy()
         truth = sdf(ObjectSpec.from_meta(record.meta["ln3diff_synth"]), points.numpy()) < 0
         scores += [iou(density > t, truth) for t in thresholds]

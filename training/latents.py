@@ -17,7 +17,6 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from ln3diff_rt.checkpoint import atomic_save_safetensors, file_sha256, load_models
-from ln3diff_rt.models.vae import encoder_input
 from ln3diff_rt.text import TextEncoder
 from training.data.dataset import MultiViewDataset
 
@@ -39,9 +38,8 @@ def _encode_split(vae, dataset: MultiViewDataset, passes: int, device: str, desc
             dataset.set_epoch(p)
             for i in tqdm(range(len(dataset)), desc=f"{desc} pass {p + 1}/{passes}", leave=False):
                 item = dataset[i]
-                views = encoder_input(item["input_images"][None], item["input_c2w"][None],
-                                      item["input_intrinsics"][None])
-                mean, logvar = vae.encode(views.to(device))
+                mean, logvar = vae.encode(*(item[k][None].to(device)
+                                            for k in ("input_images", "input_c2w", "input_intrinsics")))
                 means.append(mean[0].cpu())
                 logvars.append(logvar[0].cpu())
                 captions.append(item["caption"])

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ln3diff_rt.cameras import camera_rays
 from ln3diff_rt.checkpoint import save_checkpoint
 from ln3diff_rt.config import ModelConfig, get_preset
-from ln3diff_rt.models.vae import TriplaneVAE, encoder_input
+from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.rendering import render_chunked, render_rays
 from training.common import (
     Dist,
@@ -73,8 +73,8 @@ class VAEObjective(nn.Module):
         super().__init__()
         self.vae, self.kl_weight, self.mask_weight = vae, kl_weight, mask_weight
 
-    def forward(self, views, origins, dirs, target_rgb, target_mask, generator):
-        mean, logvar = self.vae.encode(views)
+    def forward(self, images, c2w, intrinsics, origins, dirs, target_rgb, target_mask, generator):
+        mean, logvar = self.vae.encode(images, c2w, intrinsics)
         planes = self.vae.decode(self.vae.sample_posterior(mean, logvar, generator))
         out = render_rays(self.vae.field, planes, origins, dirs, self.vae.cfg.renderer, perturb=True,
                           generator=generator)
@@ -117,8 +117,8 @@ def evaluate_psnr(vae: TriplaneVAE, dataset: MultiViewDataset, count: int, devic
     psnrs = []
     for i in range(min(count, len(dataset))):
         item = dataset[i]
-        views = encoder_input(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
-        mean, _ = vae.encode(views.to(device))
+        mean, _ = vae.encode(item["input_images"][None].to(device), item["input_c2w"][None].to(device),
+                             item["input_intrinsics"][None].to(device))
         planes = vae.decode(mean)
         _, _, h, w = item["target_images"].shape
         origins, dirs = camera_rays(item["target_c2w"][:1], item["target_intrinsics"][:1], h, w)
@@ -174,11 +174,11 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
             g = step_generator(cfg.seed, step, dist_env.rank)
             idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
             batch = collate(train_set, idx, epoch=step)
-            views = encoder_input(batch["input_images"], batch["input_c2w"], batch["input_intrinsics"])
             origins, dirs, rgb, mask = sample_target_rays(batch, cfg.rays_per_object, g)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
-            loss, parts = wrapped(views.to(device), origins.to(device), dirs.to(device), rgb.to(device),
+            inputs = [batch[k].to(device) for k in ("input_images", "input_c2w", "input_intrinsics")]
+            loss, parts = wrapped(*inputs, origins.to(device), dirs.to(device), rgb.to(device),
                                   mask.to(device), g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

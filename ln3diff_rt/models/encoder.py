@@ -1,15 +1,21 @@
 """VAE encoder: multi-view RGB + Plücker images -> posterior over the tri-plane latent.
 
-A shared convolutional trunk downsamples each view by f; learned tri-plane queries then
-cross-attend to the tokens of all views (the lift from image space to the three world-aligned
-planes, as in LRM-style encoders), and a linear head gives the mean and log-variance.
+A shared convolutional trunk downsamples each view by f. The lift from image space to the three
+world-aligned planes starts geometric: for every plane token, points at a few depths along the
+plane's normal are projected into every view with the known cameras, the view features there are
+averaged over views and concatenated over depth. Transformer blocks then refine the plane tokens
+with cross-attention to all view tokens (as LRM-style encoders do), and a linear head gives the
+mean and log-variance. (Learned queries alone, without the projection, learned to ignore the
+input: every object encoded to nearly the same latent.)
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from kernels.triplane_ref import PLANE_AXES
 from ln3diff_rt.config import ModelConfig
 from ln3diff_rt.models.layers import Attention, Mlp, triplane_pos_embed
 
@@ -48,6 +54,43 @@ class LiftBlock(nn.Module):
         return planes + self.mlp(self.norm_mlp(planes))
 
 
+def plane_sample_points(size: int, depths: int) -> torch.Tensor:
+    """World points [3, size, size, depths, 3]: for each plane token (row, col), `depths` points along the normal.
+
+    Token (row, col) of plane (u, v) sits at u = col centre, v = row centre, as `triplane_sample` reads it.
+    """
+    centres = (2 * torch.arange(size, dtype=torch.float32) + 1) / size - 1
+    normal = (2 * torch.arange(depths, dtype=torch.float32) + 1) / depths - 1
+    rows, cols, ws = torch.meshgrid(centres, centres, normal, indexing="ij")
+    points = torch.zeros(3, size, size, depths, 3)
+    for i, (u, v) in enumerate(PLANE_AXES):
+        w = 3 - u - v
+        points[i, ..., u], points[i, ..., v], points[i, ..., w] = cols, rows, ws
+    return points
+
+
+def project_to_views(feats: torch.Tensor, points: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor,
+                     image_hw: tuple[int, int]) -> torch.Tensor:
+    """Mean over views of the features [B, V, D, h, w] seen at world points [P, 3] -> [B, P, D].
+
+    OpenGL cameras: a point at camera coordinates (X, Y, Z), Z < 0, lands on pixel
+    (cx + fx X / -Z, cy - fy Y / -Z); points behind a camera or outside its image add nothing.
+    """
+    b, v, d = feats.shape[:3]
+    rot, trans = c2w[..., :3, :3], c2w[..., :3, 3]
+    cam = torch.einsum("bvij,bvpi->bvpj", rot, points[None, None] - trans[:, :, None])  # (p - t) R
+    depth = (-cam[..., 2]).clamp(min=1e-6)
+    fx, fy, cx, cy = (intrinsics[..., i, None] for i in range(4))
+    px = cx + fx * cam[..., 0] / depth
+    py = cy - fy * cam[..., 1] / depth
+    height, width = image_hw
+    grid = torch.stack([2 * px / width - 1, 2 * py / height - 1], dim=-1)  # [B, V, P, 2]
+    sampled = F.grid_sample(feats.flatten(0, 1), grid.flatten(0, 1)[:, None].to(feats.dtype), align_corners=False)
+    visible = (cam[..., 2] < 0).to(feats.dtype)  # [B, V, P]
+    sampled = sampled[:, :, 0].reshape(b, v, d, -1) * visible[:, :, None]
+    return (sampled.sum(1) / visible.sum(1).clamp(min=1)[:, None]).transpose(1, 2)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -59,7 +102,10 @@ class Encoder(nn.Module):
         self.trunk = nn.Sequential(*(DownBlock(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)))
         self.to_tokens = nn.Sequential(_norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], enc.width, 1))
         self.view_pos = nn.Parameter(torch.zeros(1, self.size * self.size, enc.width))
-        self.plane_queries = nn.Parameter(torch.randn(1, 3 * self.size * self.size, enc.width) * 0.02)
+        self.depths = min(self.size, 8)
+        self.register_buffer("lift_points", plane_sample_points(self.size, self.depths).reshape(-1, 3),
+                             persistent=False)
+        self.lift = nn.Sequential(nn.LayerNorm(self.depths * enc.width), nn.Linear(self.depths * enc.width, enc.width))
         self.register_buffer("plane_pos", triplane_pos_embed(enc.width, self.size)[None], persistent=False)
         self.blocks = nn.ModuleList(LiftBlock(enc.width, enc.lift_heads) for _ in range(enc.lift_depth))
         self.head = nn.Sequential(nn.LayerNorm(enc.width), nn.Linear(enc.width, 2 * cfg.latent_channels))
@@ -67,13 +113,16 @@ class Encoder(nn.Module):
         # shrink the noise, and meanwhile the decoder learns to ignore all but the coarsest latent content.
         nn.init.constant_(self.head[-1].bias[cfg.latent_channels:], -4.0)
 
-    def forward(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """views [B, V, Cin, H, W] -> mean, logvar [B, 3, c, h, w]."""
+    def forward(self, views: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """views [B, V, Cin, H, W], cameras c2w [B, V, 4, 4], intrinsics [B, V, 4] -> mean, logvar [B, 3, c, h, w]."""
         b, v = views.shape[:2]
         feats = self.to_tokens(self.trunk(self.stem(views.flatten(0, 1))))  # [B*V, D, h, w]
+        lifted = project_to_views(feats.reshape(b, v, *feats.shape[1:]), self.lift_points, c2w, intrinsics,
+                                  views.shape[-2:])  # [B, 3*h*w*K, D]
+        planes = self.lift(lifted.reshape(b, 3 * self.size * self.size, -1)) + self.plane_pos
         tokens = feats.flatten(2).transpose(1, 2) + self.view_pos  # [B*V, h*w, D]
         tokens = tokens.reshape(b, v * tokens.shape[1], -1)
-        planes = (self.plane_queries + self.plane_pos).expand(b, -1, -1)
         for block in self.blocks:
             planes = block(planes, tokens)
         out = self.head(planes)  # [B, 3*h*w, 2c]

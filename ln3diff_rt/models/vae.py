@@ -32,9 +32,10 @@ class TriplaneVAE(nn.Module):
         self.decoder = Decoder(cfg)
         self.field = TriplaneField(cfg.decoder.triplane_channels, cfg.renderer)
 
-    def encode(self, views: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Encoder input [B, V, Cin, H, W] -> posterior mean, logvar [B, 3, c, h, w]."""
-        return self.encoder(views)
+    def encode(self, images: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor,
+               depth: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views [B, V, 3, H, W] in [0, 1] with their cameras -> posterior mean, logvar [B, 3, c, h, w]."""
+        return self.encoder(encoder_input(images, c2w, intrinsics, depth), c2w, intrinsics)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latent [B, 3, c, h, w] (unscaled) -> tri-planes [B, 3, C, R, R]."""

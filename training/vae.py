@@ -55,6 +55,7 @@ class VAETrainConfig:
     input_views: int = 0  # 0: the preset's encoder.num_views
     target_views: int = 4
     rays_per_object: int = 1024
+    foreground_fraction: float = 0.5
     kl_weight: float = 1e-5  # per-element mean KL; 1e-3 collapsed the posterior (sigma ~0.8, colour lost)
     mask_weight: float = 0.5
     eval_every: int = 250
@@ -91,11 +92,18 @@ def collate(dataset: MultiViewDataset, indices: list[int], epoch: int) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
 
 
-def sample_target_rays(batch: dict, count: int, generator: torch.Generator):
-    """Random rays of the target views: origins, dirs, rgb [B, count, 3], mask [B, count]."""
+def sample_target_rays(batch: dict, count: int, generator: torch.Generator, foreground_fraction: float = 0.0):
+    """Random rays of the target views: origins, dirs, rgb [B, count, 3], mask [B, count].
+
+    A `foreground_fraction` of the rays is drawn from pixels inside the object's mask: small objects
+    cover a few percent of a view, and uniform rays spend nearly all the colour signal on background.
+    """
     b, v, _, h, w = batch["target_images"].shape
     origins, dirs = camera_rays(batch["target_c2w"], batch["target_intrinsics"], h, w)  # [B, V, H, W, 3]
-    pick = torch.randint(0, v * h * w, (b, count), generator=generator)
+    uniform = torch.randint(0, v * h * w, (b, count - int(count * foreground_fraction)), generator=generator)
+    inside = batch["target_masks"].reshape(b, v * h * w) + 1e-6  # an empty mask falls back to uniform
+    on_object = torch.multinomial(inside, int(count * foreground_fraction), replacement=True, generator=generator)
+    pick = torch.cat([uniform, on_object], dim=1)
     gather = lambda x: x.reshape(b, v * h * w, -1).gather(1, pick[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
     rgb = gather(batch["target_images"].permute(0, 1, 3, 4, 2))
     mask = gather(batch["target_masks"].permute(0, 1, 3, 4, 2))[..., 0]
@@ -174,7 +182,7 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
             g = step_generator(cfg.seed, step, dist_env.rank)
             idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
             batch = collate(train_set, idx, epoch=step)
-            origins, dirs, rgb, mask = sample_target_rays(batch, cfg.rays_per_object, g)
+            origins, dirs, rgb, mask = sample_target_rays(batch, cfg.rays_per_object, g, cfg.foreground_fraction)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(cfg, step)
             inputs = [batch[k].to(device) for k in ("input_images", "input_c2w", "input_intrinsics")]
@@ -233,6 +241,8 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
                    help="novel views rays are drawn from per object")
     p.add_argument("--rays-per-object", type=int, default=defaults.rays_per_object,
                    help="random rays rendered per object per step (memory knob)")
+    p.add_argument("--foreground-fraction", type=float, default=defaults.foreground_fraction,
+                   help="share of rays drawn inside the object mask (the rest uniform)")
     p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the per-element KL term")
     p.add_argument("--mask-weight", type=float, default=defaults.mask_weight, help="weight of the opacity-vs-alpha L1")
     p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out PSNR evals")

@@ -1,0 +1,341 @@
+"""Engine export without compiling anything: manifest checks on load, TensorRT profiles, cache keys and
+refusal, request validation, the CLI. Also the helpers the backend test files share (a tiny random
+checkpoint, the tolerances, the parity checks against eager)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from export.build_engine import check_request, main
+from export.manifest import (
+    COMPONENTS,
+    MANIFEST_NAME,
+    MANIFEST_VERSION,
+    ComponentEntry,
+    Manifest,
+    TensorSpec,
+    read_manifest,
+    versions,
+    write_manifest,
+)
+from export.runtime import CPU_FIELD_CHUNK, load_engine_components
+from export.tensorrt_engine import (
+    FIELD_POINTS,
+    BackendUnavailable,
+    dim_range,
+    engine_cache_key,
+    optimisation_profile,
+    run_within,
+)
+from ln3diff_rt.checkpoint import file_sha256, save_checkpoint
+from ln3diff_rt.config import get_preset
+from ln3diff_rt.models.dit import DiT
+from ln3diff_rt.models.vae import TriplaneVAE
+from ln3diff_rt.pipeline import Components, GenerationOptions
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Max |engine - eager| allowed at fp32 on the CPU, with what was measured on the tiny model in brackets.
+# The text transformer differs most (SDPA vs decomposed attention over 6 BERT layers, hidden states ~5).
+TOLERANCES = {
+    "text_encoder": 5e-4,  # context (7e-5); pooled is L2-normalised (2e-7)
+    "denoiser": 1e-5,  # velocity (5e-7)
+    "decoder": 5e-5,  # tri-planes (3e-6)
+    "field": 1e-5,  # density, rgb (2e-7)
+    "latents": 1e-4,  # after 2 CFG Euler steps (1e-6)
+}
+# Small but complete generation: CFG (the denoiser runs at 2B), a mesh, one preview through the field.
+GEN_OPTIONS = GenerationOptions(steps=2, guidance=3.0, mesh_resolution=32, faces=None, preview_views=1,
+                                preview_size=16)
+PROMPTS = ["a red cube", "a wooden chair", "a blue teapot", "a tall lamp"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """One torch / OpenMP / ONNX Runtime thread per module: on two cores that also train a model, a second
+    thread stalls at every OpenMP barrier (a tiny-model request took 7 s with two threads, 0.4 s with one)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
+    """The tiny preset with random weights; DiT perturbed (AdaLN-Zero makes it output zeros) and the mesh
+    threshold set to the median density of a decoded random latent, so that meshes are not empty."""
+    torch.manual_seed(seed)
+    cfg = get_preset("tiny")
+    vae, dit = TriplaneVAE(cfg).eval(), DiT(cfg)
+    with torch.no_grad():
+        for p in dit.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+        planes = vae.decode(torch.randn(1, *cfg.latent_shape))
+        density, _ = vae.field(planes, torch.rand(1, 4096, 3) * 2 - 1)
+    threshold = float(density.median())
+    cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, mesh_threshold=threshold))
+    save_checkpoint(path, cfg, {"vae": vae, "dit": dit})
+    return path
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def check_components_match_eager(eager, engine, config, batch: int) -> None:
+    """Denoiser velocity, decoder tri-planes, field density / rgb and text conditions of `engine` vs `eager`."""
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, *config.latent_shape, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    cond = eager.text_encoder(PROMPTS[:batch])
+    got = engine.text_encoder(PROMPTS[:batch])
+    assert got.context.shape == cond.context.shape and got.pooled.shape == cond.pooled.shape
+    assert max_error(got.context, cond.context) < TOLERANCES["text_encoder"]
+    assert max_error(got.pooled, cond.pooled) < TOLERANCES["text_encoder"]
+    with torch.no_grad():
+        v_ref = eager.denoiser(x, t, cond.context, cond.pooled)
+        v = engine.denoiser(x, t, cond.context, cond.pooled)
+        assert v.shape == v_ref.shape and v.dtype == torch.float32
+        assert 0 < max_error(v_ref, torch.zeros_like(v_ref))  # a perturbed DiT: the check is not 0 == 0
+        assert max_error(v, v_ref) < TOLERANCES["denoiser"]
+        planes_ref = eager.decoder(x)
+        planes = engine.decoder(x)
+        assert planes.shape == planes_ref.shape == (batch, *config.triplane_shape)
+        assert max_error(planes, planes_ref) < TOLERANCES["decoder"]
+        points = torch.rand(batch, 1000 + batch, 3, generator=gen) * 2.2 - 1.1  # some outside the box
+        for ref, out in zip(eager.field(planes_ref, points), engine.field(planes_ref, points), strict=True):
+            assert ref.shape == out.shape
+            assert max_error(out, ref) < TOLERANCES["field"]
+        many = torch.rand(1, 2 * CPU_FIELD_CHUNK + 5, 3, generator=gen) * 2 - 1  # several engine calls
+        for ref, out in zip(eager.field(planes_ref[:1], many), engine.field(planes_ref[:1], many), strict=True):
+            assert ref.shape == out.shape and max_error(out, ref) < TOLERANCES["field"]
+        density, rgb = engine.field(planes_ref[:1], points[:1, :0])  # meshing can ask for no points
+        assert density.shape == (1, 0) and rgb.shape == (1, 0, 3)
+
+
+def check_generate_matches_eager(eager_gen, engine_gen, batch: int) -> None:
+    """Full requests: latents within tolerance, identical mesh vertex counts, previews of the same size."""
+    prompts, seeds = PROMPTS[:batch], list(range(batch))
+    ref = eager_gen.generate(prompts, seeds, GEN_OPTIONS)
+    got = engine_gen.generate(prompts, seeds, GEN_OPTIONS)
+    for a, b in zip(ref, got, strict=True):
+        assert max_error(a.latent, b.latent) < TOLERANCES["latents"]
+        assert len(a.mesh.vertices) > 0  # the threshold of the test checkpoint crosses the field
+        assert len(a.mesh.vertices) == len(b.mesh.vertices) and len(a.mesh.faces) == len(b.mesh.faces)
+        assert b.previews[0].shape == a.previews[0].shape == (16, 16, 3)
+
+
+def test_projected_field_is_the_same_maths():
+    """The gather form AOTInductor compiles on CPUs against the reference field: odd sizes, points outside."""
+    from export.field import ProjectedTriplaneField
+    from ln3diff_rt.config import RendererConfig
+    from ln3diff_rt.rendering import TriplaneField
+
+    torch.manual_seed(0)
+    field = TriplaneField(7, RendererConfig(hidden=13)).eval()
+    planes, points = torch.randn(1, 3, 7, 5, 5), torch.rand(1, 999, 3) * 2.6 - 1.3
+    points[0, :8] = torch.cartesian_prod(*[torch.tensor([-1.0, 1.0])] * 3)  # the box corners
+    with torch.no_grad():
+        for ref, got in zip(field(planes, points), ProjectedTriplaneField(field)(planes, points), strict=True):
+            assert ref.shape == got.shape and max_error(ref, got) < 1e-5
+
+
+# -- manifest checks on load --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+
+
+def _manifest(ckpt: Path, backend: str = "onnx", **changes) -> Manifest:
+    entries = [ComponentEntry(name, "eager", "fp32", None) for name in COMPONENTS]
+    fields = dict(backend=backend, precision="fp32", device="cpu",
+                  checkpoint={"file": ckpt.name, "sha256": file_sha256(ckpt)}, versions=versions(),
+                  batch_sizes=[1, 4], components=entries)
+    return Manifest(**{**fields, **changes})
+
+
+def test_manifest_roundtrip(tmp_path, checkpoint):
+    manifest = _manifest(checkpoint)
+    manifest.components[1] = ComponentEntry("denoiser", "onnx", "fp32", "denoiser.onnx",
+                                            inputs=[TensorSpec("x", ["batch", 3, 4, 8, 8], "float32")],
+                                            dynamic_axes={"x": {"0": "batch"}}, max_abs_error={"batch=1": 1e-7})
+    write_manifest(manifest, tmp_path)
+    assert read_manifest(tmp_path) == manifest
+    raw = json.loads((tmp_path / MANIFEST_NAME).read_text())
+    assert raw["manifest_version"] == MANIFEST_VERSION and raw["checkpoint"]["sha256"] == file_sha256(checkpoint)
+
+
+def test_eager_entries_keep_the_eager_components(tmp_path, checkpoint):
+    write_manifest(_manifest(checkpoint), tmp_path)  # every component listed as "eager", no files
+
+    def text(prompts):
+        return prompts
+
+    def denoiser(x, t, context, pooled):
+        return x
+
+    def decoder(z):
+        return z
+
+    def field(planes, points):
+        return points, points
+
+    eager = Components(text, denoiser, decoder, field)
+    loaded = load_engine_components(tmp_path, "onnx", checkpoint, eager, "cpu")
+    assert (loaded.text_encoder, loaded.denoiser, loaded.decoder, loaded.field) == (text, denoiser, decoder, field)
+
+
+def test_engine_from_another_checkpoint_is_refused(tmp_path, checkpoint):
+    other = make_tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
+    write_manifest(_manifest(other), tmp_path)
+    with pytest.raises(ValueError) as err:
+        load_engine_components(tmp_path, "onnx", checkpoint, None, "cpu")
+    message = str(err.value)
+    assert str(tmp_path / MANIFEST_NAME) in message and str(checkpoint) in message
+    assert file_sha256(other) in message and file_sha256(checkpoint) in message
+
+
+def test_other_manifest_version_is_refused(tmp_path, checkpoint):
+    write_manifest(_manifest(checkpoint, manifest_version=MANIFEST_VERSION + 1), tmp_path)
+    with pytest.raises(ValueError, match=rf"manifest.json: manifest format version {MANIFEST_VERSION + 1}, "
+                                         rf"this ln3diff_rt reads {MANIFEST_VERSION}"):
+        load_engine_components(tmp_path, "onnx", checkpoint, None, "cpu")
+
+
+THIS_TORCH = f"torch {torch.__version__}"
+
+
+@pytest.mark.parametrize("backend, change, pattern", [
+    ("aoti", {"torch": "2.0.0"}, rf"built with torch 2\.0\.0, this environment has {re.escape(THIS_TORCH)}"),
+    ("onnx", {"ln3diff_rt": "0.0.1"}, r"built with ln3diff_rt 0\.0\.1"),
+])
+def test_other_runtime_version_is_refused(tmp_path, checkpoint, backend, change, pattern):
+    write_manifest(_manifest(checkpoint, backend=backend, versions={**versions(), **change}), tmp_path)
+    with pytest.raises(ValueError, match=pattern):
+        load_engine_components(tmp_path, backend, checkpoint, None, "cpu")
+
+
+def test_wrong_backend_device_and_missing_manifest_are_refused(tmp_path, checkpoint):
+    with pytest.raises(ValueError, match="no engine manifest here"):
+        load_engine_components(tmp_path, "onnx", checkpoint, None, "cpu")
+    write_manifest(_manifest(checkpoint, backend="aoti"), tmp_path)
+    with pytest.raises(ValueError, match="built for backend 'aoti', asked to load it as 'onnx'"):
+        load_engine_components(tmp_path, "onnx", checkpoint, None, "cpu")
+    write_manifest(_manifest(checkpoint, backend="aoti", device="cuda"), tmp_path)
+    with pytest.raises(ValueError, match="compiled for device 'cuda', asked to run on 'cpu'"):
+        load_engine_components(tmp_path, "aoti", checkpoint, None, "cpu")
+
+
+def test_generator_refuses_engine_of_another_checkpoint(tmp_path, checkpoint):
+    from ln3diff_rt.pipeline import Generator
+
+    other = make_tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
+    write_manifest(_manifest(other), tmp_path)
+    with pytest.raises(ValueError, match="rebuild the engine for this checkpoint"):
+        Generator.from_checkpoint(checkpoint, backend="onnx", engine_dir=tmp_path)
+
+
+# -- TensorRT: everything but the engine build, which is unverified here ------------------------------
+
+
+def test_tensorrt_profiles_follow_batch_sizes():
+    assert dim_range("denoiser", "batch", [1, 4]) == (1, 8, 8)  # CFG doubles the batch
+    assert dim_range("decoder", "batch", [2, 4, 8]) == (2, 8, 8)
+    assert dim_range("text_encoder", "batch", [2, 4]) == (1, 4, 4)  # "" alone for the uncond branch
+    assert dim_range("field", "points", [1, 4]) == FIELD_POINTS
+    inputs = [TensorSpec("x", ["batch", 3, 4, 8, 8], "float32"), TensorSpec("t", ["batch"], "float32")]
+    assert optimisation_profile("denoiser", inputs, [1, 4]) == {
+        "x": {"min": [1, 3, 4, 8, 8], "opt": [8, 3, 4, 8, 8], "max": [8, 3, 4, 8, 8]},
+        "t": {"min": [1], "opt": [8], "max": [8]}}
+    field = optimisation_profile("field", [TensorSpec("planes", [1, 3, 32, 32, 32], "float32"),
+                                           TensorSpec("points", [1, "points", 3], "float32")], [1])
+    assert field["planes"]["min"] == field["planes"]["max"] == [1, 3, 32, 32, 32]
+    assert field["points"] == {"min": [1, 1, 3], "opt": [1, 2 ** 18, 3], "max": [1, 2 ** 19, 3]}
+
+
+def test_tensorrt_cache_key_changes_with_every_field():
+    base = dict(component="denoiser", ckpt_sha256="a" * 64, onnx_sha256="b" * 64, gpu_name="NVIDIA H100",
+                trt_version="10.3.0", precision="fp16", profile={"x": {"min": [1], "opt": [8], "max": [8]}})
+    key = engine_cache_key(**base)
+    assert key == engine_cache_key(**dict(reversed(list(base.items()))))  # stable, order-free
+    changes = {"component": "decoder", "ckpt_sha256": "c" * 64, "onnx_sha256": "d" * 64, "gpu_name": "NVIDIA H200",
+               "trt_version": "10.4.0", "precision": "bf16", "profile": {"x": {"min": [1], "opt": [4], "max": [8]}}}
+    keys = {engine_cache_key(**{**base, name: value}) for name, value in changes.items()}
+    assert len(keys) == len(changes) and key not in keys
+
+
+def test_run_within_splits_and_pads_to_the_profile():
+    calls = []
+
+    def engine(x, planes):  # a profile of batch 2 .. 3 along axis 0 of x; `planes` is static
+        calls.append(x.shape[0])
+        assert 2 <= x.shape[0] <= 3
+        return x * 2 + planes.sum(), x[:, :1]
+
+    x, planes = torch.arange(14.0).reshape(7, 2), torch.ones(2)
+    doubled, first = run_within(engine, (x, planes), [0, None], [0, 0], lo=2, hi=3)
+    assert calls == [3, 3, 2]  # the last chunk of 1 was padded to 2
+    assert torch.equal(doubled, x * 2 + 2) and torch.equal(first, x[:, :1])
+    calls.clear()
+    (single, _) = run_within(engine, (x[:1], planes), [0, None], [0, 0], lo=2, hi=3)
+    assert calls == [2] and torch.equal(single, x[:1] * 2 + 2)
+
+
+def test_tensorrt_refused_before_any_work(tmp_path, checkpoint, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the refusal is for machines without one")
+    out = tmp_path / "engine"
+    assert main(["--ckpt", str(checkpoint), "--out", str(out), "--backend", "tensorrt", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "tensorrt" in err and "CUDA GPU" in err
+    assert not out.exists()  # nothing written
+    # even a checkpoint that does not exist is not looked at first
+    assert main(["--ckpt", str(tmp_path / "missing"), "--out", str(out), "--backend", "tensorrt"]) == 2
+    assert "--device cuda" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, pattern", [
+    (("onnx", "bf16", "cpu", [1], COMPONENTS), "no general bf16 kernels"),
+    (("onnx", "fp16", "cpu", [1], COMPONENTS), "needs --device cuda"),
+    (("aoti", "fp64", "cpu", [1], COMPONENTS), "--precision 'fp64'"),
+    (("aoti", "fp32", "cpu", [0, 4], COMPONENTS), "--batch-sizes"),
+    (("aoti", "fp32", "cpu", [1], ("denoiser", "mesher")), "--components"),
+    (("aoti", "fp32", "tpu", [1], COMPONENTS), "--device 'tpu'"),
+])
+def test_bad_requests_are_refused(args, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        check_request(*args)
+
+
+def test_cuda_device_without_gpu_is_refused():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(BackendUnavailable, match="no CUDA device"):
+        check_request("aoti", "fp32", "cuda", [1], COMPONENTS)
+
+
+def test_cli_missing_checkpoint_is_one_line(tmp_path, capsys):
+    assert main(["--ckpt", str(tmp_path / "nope.safetensors"), "--out", str(tmp_path / "e"), "--backend", "onnx",
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nope.safetensors" in err and "not found" in err
+
+
+@pytest.mark.parametrize("command", [["export/build_engine.py"], ["-m", "export.build_engine"]])
+def test_cli_help_as_script_and_module(command, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ""}  # as a user runs it: only the script's own location helps
+    done = subprocess.run([sys.executable, *command, "--help"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    for flag in ("--ckpt", "--out", "--backend", "--precision", "--batch-sizes", "--device", "aoti,onnx,tensorrt"):
+        assert flag in done.stdout

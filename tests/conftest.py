@@ -9,3 +9,9 @@ tests that do not launch Triton kernels.
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+# One intra-op thread: the test tensors are small, and with two threads a second busy process on a
+# 2-core machine makes OpenMP spin-waits cost 10-100x (measured: a 2-s fixture took 400 s).
+torch.set_num_threads(1)

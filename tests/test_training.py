@@ -156,3 +156,21 @@ def test_sigterm_saves_the_state_and_resume_continues(dataset, tmp_path):
                                                   rays_per_object=64))
     assert records(log, "train")[-1]["step"] == saved + 2
     assert load_models(resumed).vae is not None
+
+
+def test_threshold_calibration_rewrites_the_checkpoint(dataset, vae_checkpoint, tmp_path):
+    import shutil
+
+    from training.evaluate import calibrate_checkpoint
+
+    copy = tmp_path / "vae.safetensors"
+    shutil.copy(vae_checkpoint, copy)
+    result = calibrate_checkpoint(str(copy), str(dataset))
+    assert result["threshold"] in [float(t) for t in result["iou_by_threshold"]]
+    assert result["iou"] == max(result["iou_by_threshold"].values()) or abs(
+        result["iou"] - max(result["iou_by_threshold"].values())) < 1e-4
+    reloaded = load_models(copy)
+    assert reloaded.config.renderer.mesh_threshold == result["threshold"]
+    original = load_models(vae_checkpoint).vae.state_dict()
+    for k, v in reloaded.vae.state_dict().items():
+        assert torch.equal(v, original[k])  # only the config changed

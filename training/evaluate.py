@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
+from ln3diff_rt.checkpoint import load_models, save_checkpoint
 from ln3diff_rt.pipeline import GenerationOptions, Generator
 from ln3diff_rt.rendering import render_chunked
 from training.data.dataset import MultiViewDataset, load_object
@@ -134,6 +136,19 @@ def calibrate_mesh_threshold(vae, dataset: MultiViewDataset, thresholds=None) ->
             "iou_by_threshold": {str(t): round(float(v), 4) for t, v in zip(thresholds, scores, strict=True)}}
 
 
+def calibrate_checkpoint(ckpt: str, data: str, seed: int = 0) -> dict:
+    """Measure the mesh threshold on held-out objects and store it in the checkpoint's config (atomic rewrite)."""
+    models = load_models(ckpt, require=("vae",))
+    cfg = models.config
+    val = MultiViewDataset(data, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=seed)
+    result = calibrate_mesh_threshold(models.vae, val)
+    new_cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, mesh_threshold=result["threshold"]))
+    components = {name: module for name, module in (("vae", models.vae), ("dit", models.dit)) if module is not None}
+    extra = {k: v for k, v in models.metadata.items() if not k.startswith("ln3diff_rt.") and k != "format_version"}
+    save_checkpoint(ckpt, new_cfg, components, {**extra, "mesh_threshold_iou": f"{result['iou']:.4f}"})
+    return result
+
+
 def evaluate(ckpt: str | None, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0) -> dict:
     torch.manual_seed(seed)
     generator = Generator.from_checkpoint(ckpt)
@@ -153,7 +168,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=8, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--json", default=None, help="also write the full result (every prompt) here")
+    p.add_argument("--calibrate-threshold", action="store_true",
+                   help="only measure the mesh density threshold on held-out objects and write it into --ckpt")
     args = p.parse_args(argv)
+    if args.calibrate_threshold:
+        if not args.ckpt:
+            p.error("--calibrate-threshold rewrites a checkpoint: give it with --ckpt")
+        result = calibrate_checkpoint(args.ckpt, args.data, args.seed)
+        print(json.dumps(result, indent=1))
+        return
     result = evaluate(args.ckpt, args.data, args.seed, args.steps, args.guidance)
     a = result["adherence"]
     print(f"{'metric':<34} {'value':>8} {'chance':>8}")

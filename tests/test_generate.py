@@ -1,0 +1,95 @@
+"""End to end on the shipped model: prompt -> GLB that engines import; reproducible; CLI errors are one line."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from ln3diff_rt.cli import main
+from ln3diff_rt.mesh_export import export_mesh
+from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT, GenerationOptions, Generator
+
+FAST = GenerationOptions(steps=4, mesh_resolution=64, faces=5000, preview_views=2, preview_size=32)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return Generator.from_checkpoint()
+
+
+def test_shipped_checkpoint_is_small_and_complete():
+    assert DEFAULT_CHECKPOINT.is_file()
+    assert DEFAULT_CHECKPOINT.stat().st_size <= 25 * 2**20
+
+
+def test_glb_for_a_prompt_loads_back_with_vertices_faces_colours(generator, tmp_path):
+    result = generator.generate(["a red cube"], [1], FAST)[0]
+    assert result.mesh is not None and not result.mesh.empty
+    assert len(result.mesh.faces) <= 5000
+    path = tmp_path / "cube.glb"
+    export_mesh(result.mesh, path)
+    mesh = trimesh.load(path, force="mesh")
+    assert len(mesh.vertices) > 100 and len(mesh.faces) > 100
+    colours = np.asarray(mesh.visual.vertex_colors)
+    assert colours.shape == (len(mesh.vertices), 4) and colours[:, :3].std() >= 0
+    extent = mesh.bounds[1] - mesh.bounds[0]
+    assert extent.max() == pytest.approx(1.0, abs=1e-3)  # longest side 1 m
+    assert np.allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-3)  # centred
+    assert len(result.previews) == 2 and result.previews[0].shape == (32, 32, 3)
+    assert set(result.timings) >= {"encode_text", "sample", "decode", "mesh", "preview"}
+
+
+def test_same_seed_same_mesh_and_batch_independent(generator):
+    a = generator.generate(["a red cube"], [7], FAST)[0]
+    b = generator.generate(["a red cube"], [7], FAST)[0]
+    assert np.array_equal(a.mesh.vertices, b.mesh.vertices) and np.array_equal(a.mesh.faces, b.mesh.faces)
+    batched = generator.sample_latents(["a blue sphere", "a red cube"], [3, 7], FAST)
+    alone = generator.sample_latents(["a red cube"], [7], FAST)
+    torch.testing.assert_close(batched[1], alone[0], rtol=1e-4, atol=1e-4)
+    other = generator.sample_latents(["a red cube"], [8], FAST)
+    assert not torch.allclose(other, alone)
+
+
+def test_generator_rejects_bad_requests(generator):
+    with pytest.raises(ValueError, match=r"prompts\[0\] is empty"):
+        generator.generate(["  "], [0], FAST)
+    with pytest.raises(ValueError, match="steps=0"):
+        generator.generate(["a red cube"], [0], GenerationOptions(steps=0))
+    with pytest.raises(ValueError, match="sampler='ddim'"):
+        generator.generate(["a red cube"], [0], GenerationOptions(sampler="ddim"))
+
+
+def test_cli_writes_mesh_previews_and_gif(tmp_path, capsys):
+    code = main(["generate", "a red cube", "--out", str(tmp_path), "--steps", "4", "--resolution", "64",
+                 "--views", "2", "--preview-size", "32", "--format", "obj", "--seed", "1"])
+    assert code == 0
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == ["a-red-cube_s1.obj", "a-red-cube_s1_turntable.gif", "a-red-cube_s1_view00.png",
+                       "a-red-cube_s1_view01.png"]
+    assert "mesh:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["generate", ""], "prompt 1 is empty"),
+    (["generate", "a red cube", "--steps", "0"], "--steps=0"),
+    (["generate", "a red cube", "--steps", "-3"], "--steps=-3"),
+    (["generate", "a red cube", "--format", "fbx"], "--format 'fbx'"),
+    (["generate", "a red cube", "--ckpt", "/nonexistent/model.safetensors"], "file not found"),
+    (["generate", "a red cube", "--backend", "warp"], "backend='warp'"),
+])
+def test_cli_bad_input_is_one_line_and_exit_2(args, message, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_cli_unreadable_checkpoint_without_traceback(tmp_path):
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(DEFAULT_CHECKPOINT.read_bytes()[:1000])
+    proc = subprocess.run([sys.executable, "-m", "ln3diff_rt.cli", "generate", "a red cube", "--ckpt", str(bad)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "broken.safetensors" in proc.stderr and "Traceback" not in proc.stderr

@@ -8,6 +8,7 @@ the weights, the optimizer state and the step.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import threading
@@ -136,3 +137,11 @@ def raise_on_sigterm() -> None:
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, handler)
+
+
+def warmup_cosine_lr(peak: float, step: int, warmup: int, steps: int) -> float:
+    """Linear warm-up to `peak`, then cosine decay to 10% of it at `steps` (both stages use this schedule)."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return peak * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from training.common import (
     save_train_state,
     setup_distributed,
     step_generator,
+    warmup_cosine_lr,
 )
 from training.latents import LatentSet, build_latent_cache, load_latents
 
@@ -99,13 +99,6 @@ def evaluate(dit: DiT, latents: LatentSet, scale: float, device: str, seed: int 
     return sum(losses) / max(1, len(latents.mean))
 
 
-def learning_rate(cfg: DiffusionTrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
-
-
 def train(cfg: DiffusionTrainConfig) -> Path:
     dist_env = setup_distributed(cfg.device)
     device = f"cuda:{dist_env.local_rank}" if cfg.device == "cuda" else cfg.device
@@ -152,7 +145,7 @@ def train(cfg: DiffusionTrainConfig) -> Path:
             idx = batch_indices(len(train_set.mean), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
             z, ctx, pooled = draw_batch(train_set, idx, scale, g)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = warmup_cosine_lr(cfg.lr, step, cfg.warmup, cfg.steps)
             loss = wrapped(z.to(device), ctx.to(device), pooled.to(device), null, g)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

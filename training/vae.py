@@ -39,6 +39,7 @@ from training.common import (
     save_train_state,
     setup_distributed,
     step_generator,
+    warmup_cosine_lr,
 )
 from training.data.dataset import MultiViewDataset
 
@@ -110,13 +111,6 @@ def sample_target_rays(batch: dict, count: int, generator: torch.Generator, fore
     return gather(origins), gather(dirs), rgb, mask
 
 
-def learning_rate(cfg: VAETrainConfig, step: int) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
-
-
 @torch.no_grad()
 def evaluate_psnr(vae: TriplaneVAE, dataset: MultiViewDataset, count: int, device: str) -> float:
     """Mean PSNR of full novel views of held-out objects, reconstructed from their input views."""
@@ -184,7 +178,7 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
             batch = collate(train_set, idx, epoch=step)
             origins, dirs, rgb, mask = sample_target_rays(batch, cfg.rays_per_object, g, cfg.foreground_fraction)
             for group in optimizer.param_groups:
-                group["lr"] = learning_rate(cfg, step)
+                group["lr"] = warmup_cosine_lr(cfg.lr, step, cfg.warmup, cfg.steps)
             inputs = [batch[k].to(device) for k in ("input_images", "input_c2w", "input_intrinsics")]
             loss, parts = wrapped(*inputs, origins.to(device), dirs.to(device), rgb.to(device),
                                   mask.to(device), g)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from ln3diff_rt.mesh_export import FORMATS
 from ln3diff_rt.pipeline import BACKENDS, DEFAULT_CHECKPOINT, GenerationOptions
@@ -74,8 +73,6 @@ def generate(args: argparse.Namespace) -> int:
             from None
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    if args.ckpt and not Path(args.ckpt).is_file():
-        raise ValueError(f"--ckpt {args.ckpt}: file not found")
 
     from tqdm import tqdm
 

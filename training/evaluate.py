@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kernels.occupancy import cell_centres
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.checkpoint import load_models, save_checkpoint
 from ln3diff_rt.pipeline import GenerationOptions, Generator
@@ -53,8 +54,8 @@ def reference_colours(data: str, per_colour: int = 30) -> dict[str, np.ndarray]:
 
 
 def grid_points() -> torch.Tensor:
-    axis = (torch.arange(GRID, dtype=torch.float32) + 0.5) / GRID * 2.0 - 1.0
-    return torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)
+    """Centres [GRID^3, 3] of the evaluation grid's cells over the box [-1, 1]^3."""
+    return cell_centres(GRID).reshape(-1, 3)
 
 
 def primitive_occupancies(size: str) -> dict[str, list[np.ndarray]]:

@@ -7,6 +7,7 @@ the weights, the optimizer state and the step.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,6 +46,25 @@ def setup_distributed(device: str) -> Dist:
     if backend == "nccl":
         torch.cuda.set_device(local)
     return Dist(dist.get_rank(), dist.get_world_size(), local)
+
+
+@contextlib.contextmanager
+def distributed_teardown():
+    """Leave the process group cleanly when the work inside ends.
+
+    Without this, a rank that exits while gloo's threads are still alive can abort with
+    "terminate called without an active exception" (SIGABRT) after training has succeeded.
+    The barrier is only taken on success: after an error the other ranks may never reach it.
+    """
+    try:
+        yield
+    except BaseException:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def step_generator(seed: int, step: int, rank: int, device: str = "cpu") -> torch.Generator:

@@ -32,6 +32,7 @@ from ln3diff_rt.sampling import Condition, flow_matching_loss
 from training.common import (
     JsonlLog,
     batch_indices,
+    distributed_teardown,
     load_train_state,
     raise_on_sigterm,
     replica_divergence,
@@ -205,7 +206,9 @@ def parse_args(argv: list[str] | None = None) -> DiffusionTrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    print(f"wrote {train(parse_args(argv))}")
+    with distributed_teardown():
+        path = train(parse_args(argv))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

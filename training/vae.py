@@ -33,6 +33,7 @@ from training.common import (
     Dist,
     JsonlLog,
     batch_indices,
+    distributed_teardown,
     load_train_state,
     raise_on_sigterm,
     replica_divergence,
@@ -252,7 +253,8 @@ def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
 
 
 def main(argv: list[str] | None = None) -> None:
-    path = train(parse_args(argv))
+    with distributed_teardown():
+        path = train(parse_args(argv))
     print(f"wrote {path}")
 
 

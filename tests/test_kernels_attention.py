@@ -10,9 +10,36 @@ from kernels.attention_ref import attention_ref
 from kernels.flash_attention import flash_attention
 
 # Interpreter tiles are 16 x 16: Nq = 19 and Nk = 23 leave masked tails in both directions.
-TOL = {torch.float32: 1e-5, torch.float16: 3e-3}
-BF16_SKIP = ("the Triton 3.9 interpreter computes tl.dot on bf16 operands from their raw bits "
-             "(errors ~1e10 on a 16x16 product); bf16 is covered by the GPU test")
+TOL = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def bf16_dot_in_interpreter(monkeypatch):
+    """Make the interpreter's tl.dot read bf16 operands as numbers, not bits.
+
+    The Triton 3.9 interpreter stores bf16 as uint16 and its `create_dot` converts only 8-bit
+    floats before `np.matmul`, so a bf16 dot multiplies raw bit patterns (errors ~1e10;
+    triton-lang/triton#11584, "not supported yet" upstream). bf16 -> fp32 is exact (the bits
+    shifted up by 16), which is what the GPU's tensor cores compute from, so this changes only
+    the simulator, not the kernel under test. A compiled GPU run needs no patch.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    original = InterpreterBuilder.create_dot
+
+    def as_fp32(handle):
+        if handle.dtype.scalar == tl.bfloat16:
+            return TensorHandle((handle.data.astype(np.uint32) << 16).view(np.float32), tl.float32)
+        return handle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, as_fp32(a), as_fp32(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(InterpreterBuilder, "create_dot", create_dot)
 
 
 def _qkv(b, h, nq, nk, d, dtype, seed=0):
@@ -24,8 +51,7 @@ def _qkv(b, h, nq, nk, d, dtype, seed=0):
     return q, k, v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16,
-                                   pytest.param(torch.bfloat16, marks=pytest.mark.skip(reason=BF16_SKIP))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [32, 64, 128])
 @pytest.mark.parametrize("nq, nk", [(19, 23), (37, 5)])
 def test_forward_matches_reference(nq, nk, d, dtype):
@@ -45,7 +71,7 @@ def test_forward_odd_head_dim_and_large_scores():
     torch.testing.assert_close(flash_attention(q, k, v)[0], attention_ref(q, k, v), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [32, 64, 128])
 def test_grads_match_reference_autograd(d, dtype):
     q, k, v = _qkv(1, 2, 19, 23, d, dtype)
@@ -55,7 +81,7 @@ def test_grads_match_reference_autograd(d, dtype):
     got = torch.autograd.grad(flash_attention(*leaves)[0], leaves, grad.to(dtype))
     ref_leaves = [x.detach().float().requires_grad_(True) for x in (q, k, v)]
     want = torch.autograd.grad(attention_ref(*ref_leaves), ref_leaves, grad.to(dtype).float())
-    tol = {torch.float32: 1e-5, torch.float16: 5e-3}[dtype]
+    tol = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
     for name, g, w in zip("qkv", got, want, strict=True):
         assert g.dtype == dtype
         torch.testing.assert_close(g.float(), w, atol=tol, rtol=tol, msg=lambda m, name=name: f"d{name}: {m}")

@@ -50,3 +50,15 @@ def occupied_samples(grid: torch.Tensor, origins: torch.Tensor, dirs: torch.Tens
     # The clamp puts points on the far faces into the last cell.
     idx = ((points + bound) * (g / (2.0 * bound))).floor().long().clamp(0, g - 1)
     return inside & grid[idx[..., 0], idx[..., 1], idx[..., 2]]
+
+
+def occupied_box(grid: torch.Tensor, bound: float = 1.0) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Corners (min [3], max [3]) of the smallest box of whole cells holding every occupied cell of
+    `grid` [G, G, G]; None when nothing is occupied. Rays that miss it see only empty space."""
+    occupied = grid.nonzero()
+    if occupied.numel() == 0:
+        return None
+    cell = 2.0 * bound / grid.shape[0]
+    box_min = -bound + occupied.amin(dim=0).float() * cell
+    box_max = -bound + (occupied.amax(dim=0) + 1).float() * cell
+    return box_min, box_max

@@ -73,9 +73,19 @@ def ray_box_intersect(origins: torch.Tensor, dirs: torch.Tensor, bound: float = 
 
     Rays that miss get near = far = 0 so that callers can march them harmlessly.
     """
+    return ray_aabb_intersect(origins, dirs, torch.full((3,), -bound), torch.full((3,), bound))
+
+
+def ray_aabb_intersect(origins: torch.Tensor, dirs: torch.Tensor, box_min: torch.Tensor, box_max: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Entry and exit distances of rays [..., 3] through the box [box_min, box_max] ([3] each), and a hit mask.
+
+    Rays that miss get near = far = 0 so that callers can march them harmlessly.
+    """
+    box_min, box_max = box_min.to(origins), box_max.to(origins)
     safe = torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
-    t0 = (-bound - origins) / safe
-    t1 = (bound - origins) / safe
+    t0 = (box_min - origins) / safe
+    t1 = (box_max - origins) / safe
     near = torch.minimum(t0, t1).amax(dim=-1).clamp(min=0.0)
     far = torch.maximum(t0, t1).amin(dim=-1)
     hit = far > near

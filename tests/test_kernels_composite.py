@@ -7,7 +7,7 @@ import torch
 
 from kernels.composite import T_MIN, composite_rays
 from kernels.composite_ref import composite_rays_ref
-from kernels.occupancy import build_occupancy_grid, cell_centres, occupied_samples
+from kernels.occupancy import build_occupancy_grid, cell_centres, occupied_box, occupied_samples
 
 # Interpreter tiles are 4 rays x 8 samples: N = 11 and S = 13 leave tails in both directions.
 N, S = 11, 13
@@ -124,6 +124,15 @@ def test_occupancy_grid_from_cell_centres():
     expected[2:6, 2:6, 2:6] = True
     assert torch.equal(grid, expected)
     assert torch.allclose(cell_centres(8)[0, 3, 7], torch.tensor([-0.875, -0.125, 0.875]))
+
+
+def test_occupied_box_bounds_the_occupied_cells():
+    grid = torch.zeros(8, 8, 8, dtype=torch.bool)
+    assert occupied_box(grid) is None
+    grid[1, 4, 6] = grid[3, 2, 6] = True
+    box_min, box_max = occupied_box(grid, bound=2.0)
+    assert torch.allclose(box_min, torch.tensor([-1.5, -1.0, 1.0]))  # cells are 0.5 wide from -2
+    assert torch.allclose(box_max, torch.tensor([0.0, 0.5, 1.5]))
 
 
 def test_occupancy_grid_axis_order():

@@ -95,3 +95,33 @@ def test_occupancy_skipping_matches_full_marching():
     with pytest.raises(ValueError, match="one object at a time"):
         render_rays(field, planes.expand(2, -1, -1, -1, -1), origins.expand(2, -1, -1), dirs.expand(2, -1, -1), cfg,
                     occupancy=occupancy)
+
+
+def test_inference_reuses_coarse_samples_without_changing_the_image():
+    """Under no_grad the fine pass reuses the coarse samples' field values; with autograd it
+    re-evaluates them. Both must composite the same samples to the same image."""
+    cfg = RendererConfig(hidden=1, num_samples=21, num_importance=19)
+    field, planes = sphere_field(cfg), sphere_triplane(33)
+    origins, dirs = camera_rays(orbit_camera(20.0, 10.0, 2.5), intrinsics_from_fov(0.9, 17, 13), 17, 13)
+    origins, dirs = origins.reshape(1, -1, 3), dirs.reshape(1, -1, 3)
+    with torch.no_grad():
+        reused = render_rays(field, planes, origins, dirs, cfg)
+    evaluated = render_rays(field, planes.requires_grad_(True), origins, dirs, cfg)
+    assert evaluated.rgb.requires_grad
+    for name in ("rgb", "depth", "opacity"):
+        torch.testing.assert_close(getattr(reused, name), getattr(evaluated, name).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_rays_that_miss_the_occupied_cells_are_background():
+    cfg = RendererConfig(hidden=1, num_samples=16, num_importance=16, background=(0.2, 0.4, 0.6))
+    field, planes = sphere_field(cfg), sphere_triplane(33)
+    occupancy = occupancy_grid(field, planes, resolution=16)
+    origins = torch.tensor([[[0.0, -3.0, 0.0], [0.0, -3.0, 0.0], [0.9, -3.0, 0.9]]])
+    dirs = torch.tensor([[[0.0, 1.0, 0.0], [0.0, -1.0, 0.0], [0.0, 1.0, 0.0]]])  # hit, away, past a corner
+    with torch.no_grad():
+        out = render_rays(field, planes, origins, dirs, cfg, occupancy=occupancy)
+        empty = render_rays(field, planes, origins, dirs, cfg, occupancy=torch.zeros_like(occupancy))
+    assert out.opacity[0, 0] > 0.99 and torch.allclose(out.rgb[0, 0], torch.tensor([1.0, 0.0, 0.0]), atol=0.01)
+    assert torch.equal(out.rgb[0, 1:], torch.tensor([[0.2, 0.4, 0.6]] * 2))
+    assert torch.equal(out.opacity[0, 1:], torch.zeros(2))
+    assert torch.equal(empty.rgb[0], torch.tensor([[0.2, 0.4, 0.6]] * 3))

@@ -9,7 +9,6 @@ meshing, previews, timing) is shared, so every backend is compared with eager on
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from ln3diff_rt.meshing import MeshResult, extract_mesh
 from ln3diff_rt.rendering import occupancy_grid, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
+from ln3diff_rt.timing import StageClock
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "ln3diff-tiny.safetensors"
 BACKENDS = ("eager", "compile", "aoti", "onnx", "tensorrt")
@@ -197,43 +197,26 @@ class Generator:
         for i, p in enumerate(prompts):
             if not p.strip():
                 raise ValueError(f"prompts[{i}] is empty: describe the object, e.g. 'a red cube'")
-        timings: dict[str, float] = {}
-        with _timed(timings, "encode_text", self.device):
+        clock = StageClock(self.device)
+        with clock.time("encode_text"):
             self.encode_text(prompts)
-        with _timed(timings, "sample", self.device):
+        with clock.time("sample"):
             latents = self.sample_latents(prompts, seeds, options, progress)
-        with _timed(timings, "decode", self.device):
+        with clock.time("decode"):
             planes = self.decode(latents)
         results = []
         for i, (prompt, seed) in enumerate(zip(prompts, seeds, strict=True)):
-            own = dict(timings)
+            own = StageClock(self.device, clock.times)
             mesh_result = None
             if mesh:
-                with _timed(own, "mesh", self.device):
+                with own.time("mesh"):
                     mesh_result = self.extract_mesh(planes[i], options)
                 if progress:
                     progress("mesh", i + 1, len(prompts))
-            with _timed(own, "preview", self.device):
+            with own.time("preview"):
                 previews = self.render_previews(planes[i], options)
             if progress and options.preview_views:
                 progress("preview", i + 1, len(prompts))
             results.append(GenerationResult(prompt, int(seed), options, latents[i].cpu(), planes[i].cpu(),
-                                            mesh_result, previews, own))
+                                            mesh_result, previews, own.times))
         return results
-
-
-class _timed:
-    """Context manager adding the wall time of a block to timings[name] (synchronising CUDA first)."""
-
-    def __init__(self, timings: dict[str, float], name: str, device: str):
-        self.timings, self.name, self.cuda = timings, name, str(device).startswith("cuda")
-
-    def __enter__(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.start = time.perf_counter()
-
-    def __exit__(self, *exc):
-        if self.cuda:
-            torch.cuda.synchronize()
-        self.timings[self.name] = self.timings.get(self.name, 0.0) + time.perf_counter() - self.start

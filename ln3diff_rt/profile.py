@@ -20,7 +20,6 @@ import json
 import resource
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,42 +31,7 @@ from ln3diff_rt.config import get_preset
 from ln3diff_rt.mesh_export import mesh_bytes
 from ln3diff_rt.pipeline import BACKENDS, Components, GenerationOptions, Generator
 from ln3diff_rt.sampling import Condition
-
-
-class StageClock:
-    """Accumulates per-stage times; CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, device: str):
-        self.cuda = str(device).startswith("cuda")
-        self.times: dict[str, float] = {}
-
-    def now(self):
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def elapsed(self, start, end) -> float:
-        if self.cuda:
-            end.synchronize()
-            return start.elapsed_time(end) / 1000.0
-        return end - start
-
-    def add(self, stage: str, seconds: float) -> None:
-        self.times[stage] = self.times.get(stage, 0.0) + seconds
-
-    def time(self, stage: str):
-        clock = self
-
-        class _Block:
-            def __enter__(self):
-                self.start = clock.now()
-
-            def __exit__(self, *exc):
-                clock.add(stage, clock.elapsed(self.start, clock.now()))
-
-        return _Block()
+from ln3diff_rt.timing import StageClock
 
 
 def timed_field(field: Callable, clock: StageClock, stage: str) -> Callable:

@@ -174,3 +174,18 @@ def test_threshold_calibration_rewrites_the_checkpoint(dataset, vae_checkpoint, 
     original = load_models(vae_checkpoint).vae.state_dict()
     for k, v in reloaded.vae.state_dict().items():
         assert torch.equal(v, original[k])  # only the config changed
+
+
+def test_reconstruction_iou_agrees_with_the_calibration(dataset, vae_checkpoint):
+    from training.data.dataset import MultiViewDataset
+    from training.evaluate import calibrate_mesh_threshold, reconstruction_iou
+
+    models = load_models(vae_checkpoint)
+    cfg = models.config
+    val = MultiViewDataset(dataset, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip")
+    calibration = calibrate_mesh_threshold(models.vae, val)
+    geometry = reconstruction_iou(models.vae, val, calibration["threshold"])
+    shapes = {r.meta["ln3diff_synth"]["shape"] for r in val.records}
+    assert set(geometry["per_shape"]) == shapes
+    assert all(0.0 <= v <= 1.0 for v in geometry["per_shape"].values())
+    assert abs(geometry["mean"] - calibration["iou"]) < 1e-6

@@ -33,18 +33,22 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Example: ln3diff generate \"a red cube\" --out out/")
     g.add_argument("prompts", nargs="+", help="one or more prompts; each becomes one object")
     g.add_argument("--out", default="out", help="output directory (default: %(default)s)")
-    g.add_argument("--seed", type=int, default=0, help="seed of the first object; object i uses seed + i")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the first object; object i uses seed + i (default: %(default)s)")
     g.add_argument("--steps", type=int, default=d.steps, help="flow-matching ODE steps (default: %(default)s)")
     g.add_argument("--guidance", type=float, default=d.guidance,
                    help="classifier-free guidance scale; 1 disables it (default: %(default)s)")
-    g.add_argument("--shift", type=float, default=d.shift, help="time-grid shift, >1 favours the noise end")
+    g.add_argument("--shift", type=float, default=d.shift,
+                   help="time-grid shift, >1 favours the noise end (default: %(default)s)")
     g.add_argument("--sampler", default=d.sampler, help="euler or heun (default: %(default)s)")
     g.add_argument("--format", default="glb", help=f"mesh format, one of {', '.join(FORMATS)} (default: glb)")
     g.add_argument("--resolution", type=int, default=d.mesh_resolution,
                    help="marching-cubes grid per axis, refined coarse to fine (default: %(default)s)")
     g.add_argument("--faces", type=int, default=d.faces, help="face budget; 0 keeps every face (default: %(default)s)")
-    g.add_argument("--views", type=int, default=d.preview_views, help="turntable preview frames, 0 for none")
-    g.add_argument("--preview-size", type=int, default=d.preview_size, help="preview frame size in pixels")
+    g.add_argument("--views", type=int, default=d.preview_views,
+                   help="turntable preview frames, 0 for none; on a CPU most of a request (default: %(default)s)")
+    g.add_argument("--preview-size", type=int, default=d.preview_size,
+                   help="preview frame size in pixels (default: %(default)s)")
     g.add_argument("--ckpt", default=None, help=f"model checkpoint (default: the shipped {DEFAULT_CHECKPOINT.name})")
     g.add_argument("--backend", default="eager", help=f"one of {', '.join(BACKENDS)} (default: eager)")
     g.add_argument("--engine", default=None, help="engine directory from export/build_engine.py (aoti/onnx/tensorrt)")

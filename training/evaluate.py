@@ -2,9 +2,11 @@
 
     python -m training.evaluate --ckpt ln3diff_rt/assets/ln3diff-tiny.safetensors --data data/synth
 
-1. VAE: PSNR of full novel views of every held-out (val) object, reconstructed from its input views.
-2. Prompt adherence: one object per "a medium <colour> <shape>" prompt (every colour x shape) is
-   generated, then
+1. VAE: PSNR of full novel views of every held-out (val) object, reconstructed from its input views,
+   and the IoU of each reconstruction's occupancy (density above the mesh threshold, 32^3) with the
+   object's exact geometry, per shape.
+2. Prompt adherence: `--seeds-per-prompt` objects per "a medium <colour> <shape>" prompt (every
+   colour x shape) are generated, then
    - colour: the mean colour of its rendered foreground is compared with each named colour's mean
      foreground colour in the dataset renders (shading included); correct when the nearest is the
      named one (chance 1/10);
@@ -86,10 +88,11 @@ def foreground_colour(generator: Generator, planes: torch.Tensor, views: int = 3
     return np.mean(colours, axis=0) if colours else None
 
 
-def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0) -> dict:
+def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0,
+                     seeds_per_prompt: int = 1) -> dict:
     refs = reference_colours(data)
     shapes_ref = primitive_occupancies("medium")
-    prompts = [(c, s) for s in SHAPES for c in COLOURS]
+    prompts = [(c, s) for s in SHAPES for c in COLOURS] * seeds_per_prompt
     texts = [f"a medium {c} {s}" for c, s in prompts]
     options = GenerationOptions(steps=steps, guidance=guidance)
     latents = generator.sample_latents(texts, [seed + i for i in range(len(texts))], options)
@@ -102,13 +105,15 @@ def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int 
         scores = {s: max(iou(occupied, occ) for occ in occs) for s, occs in shapes_ref.items()}
         mean_rgb = foreground_colour(generator, planes[i])
         nearest = None if mean_rgb is None else min(refs, key=lambda c: float(np.linalg.norm(refs[c] - mean_rgb)))
-        rows.append({"prompt": texts[i], "colour": colour, "shape": shape, "predicted_colour": nearest,
+        rows.append({"prompt": texts[i], "seed": seed + i, "colour": colour, "shape": shape,
+                     "predicted_colour": nearest,
                      "predicted_shape": max(scores, key=scores.get), "iou_named": round(scores[shape], 3),
                      "iou_best": round(max(scores.values()), 3), "occupied_voxels": int(occupied.sum())})
     colour_acc = float(np.mean([r["predicted_colour"] == r["colour"] for r in rows]))
     shape_acc = float(np.mean([r["predicted_shape"] == r["shape"] for r in rows]))
     per_shape = {s: float(np.mean([r["predicted_shape"] == s for r in rows if r["shape"] == s])) for s in SHAPES}
-    return {"prompts": len(rows), "colour_accuracy": colour_acc, "colour_chance": 1 / len(COLOURS),
+    return {"prompts": len(rows) // seeds_per_prompt, "seeds_per_prompt": seeds_per_prompt,
+            "colour_accuracy": colour_acc, "colour_chance": 1 / len(COLOURS),
             "shape_accuracy": shape_acc, "shape_chance": 1 / len(SHAPES), "shape_accuracy_per_shape": per_shape,
             "steps": steps, "guidance": guidance, "rows": rows}
 
@@ -169,7 +174,8 @@ def calibrate_checkpoint(ckpt: str, data: str, seed: int = 0) -> dict:
     return result
 
 
-def evaluate(ckpt: str | None, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0) -> dict:
+def evaluate(ckpt: str | None, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0,
+             seeds_per_prompt: int = 1) -> dict:
     torch.manual_seed(seed)
     generator = Generator.from_checkpoint(ckpt)
     cfg = generator.config
@@ -177,7 +183,7 @@ def evaluate(ckpt: str | None, data: str, seed: int = 0, steps: int = 8, guidanc
     psnr = evaluate_psnr(generator.models.vae, val, len(val), "cpu")
     geometry = reconstruction_iou(generator.models.vae, val, cfg.renderer.mesh_threshold)
     return {"vae_val_psnr": psnr, "val_objects": len(val), "vae_val_iou": geometry,
-            "adherence": prompt_adherence(generator, data, seed, steps, guidance)}
+            "adherence": prompt_adherence(generator, data, seed, steps, guidance, seeds_per_prompt)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,6 +194,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the first generated object")
     p.add_argument("--steps", type=int, default=8, help="sampling steps")
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
+    p.add_argument("--seeds-per-prompt", type=int, default=1,
+                   help="objects per prompt (each figure moves by about 5 points with one; 3 for a model card)")
     p.add_argument("--json", default=None, help="also write the full result (every prompt) here")
     p.add_argument("--calibrate-threshold", action="store_true",
                    help="only measure the mesh density threshold on held-out objects and write it into --ckpt")
@@ -198,7 +206,9 @@ def main(argv: list[str] | None = None) -> None:
         result = calibrate_checkpoint(args.ckpt, args.data, args.seed)
         print(json.dumps(result, indent=1))
         return
-    result = evaluate(args.ckpt, args.data, args.seed, args.steps, args.guidance)
+    if args.seeds_per_prompt < 1:
+        p.error(f"--seeds-per-prompt {args.seeds_per_prompt}: expected at least 1")
+    result = evaluate(args.ckpt, args.data, args.seed, args.steps, args.guidance, args.seeds_per_prompt)
     a = result["adherence"]
     print(f"{'metric':<34} {'value':>8} {'chance':>8}")
     psnr = result['vae_val_psnr']
@@ -211,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'shape nearest the named primitive':<34} {a['shape_accuracy']:>8.1%} {a['shape_chance']:>8.1%}")
     for shape, acc in a["shape_accuracy_per_shape"].items():
         print(f"  {shape:<32} {acc:>8.1%}")
-    print(f"({a['prompts']} prompts, {a['steps']} steps, guidance {a['guidance']})")
+    print(f"({a['prompts']} prompts x {a['seeds_per_prompt']} seeds, {a['steps']} steps, guidance {a['guidance']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -189,3 +189,22 @@ def test_reconstruction_iou_agrees_with_the_calibration(dataset, vae_checkpoint)
     assert set(geometry["per_shape"]) == shapes
     assert all(0.0 <= v <= 1.0 for v in geometry["per_shape"].values())
     assert abs(geometry["mean"] - calibration["iou"]) < 1e-6
+
+
+def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path, monkeypatch):
+    import training.evaluate as evaluate
+
+    model = diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path / "dit"))
+    # Two colours x two shapes keep this to 8 generated objects; the full run uses every pair.
+    monkeypatch.setattr(evaluate, "COLOURS", {k: evaluate.COLOURS[k] for k in ("red", "blue")})
+    monkeypatch.setattr(evaluate, "SHAPES", ("sphere", "cube"))
+    out = tmp_path / "eval.json"
+    evaluate.main(["--ckpt", str(model), "--data", str(dataset), "--seeds-per-prompt", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    adherence = result["adherence"]
+    assert adherence["prompts"] == 4 and adherence["seeds_per_prompt"] == 2 and len(adherence["rows"]) == 8
+    assert len({r["seed"] for r in adherence["rows"]}) == 8  # every object its own seed
+    assert sorted(r["prompt"] for r in adherence["rows"][:4]) == sorted(r["prompt"] for r in adherence["rows"][4:])
+    assert 0.0 <= adherence["shape_accuracy"] <= 1.0
+    assert set(adherence["shape_accuracy_per_shape"]) == {"sphere", "cube"}
+    assert result["vae_val_psnr"] > 0 and 0.0 <= result["vae_val_iou"]["mean"] <= 1.0

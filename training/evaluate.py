@@ -137,7 +137,7 @@ def calibrate_mesh_threshold(vae, dataset: MultiViewDataset, thresholds=None) ->
     settled on, so the threshold is measured: mean IoU, over VAE reconstructions of the val objects,
     between {density > threshold} on a 32^3 grid and the exact occupancy of the generating SDF.
     """
-    thresholds = thresholds or [1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 50.0]
+    thresholds = thresholds or [1.0, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 25.0, 30.0, 40.0, 50.0]
     points = grid_points().numpy()
     scores = np.zeros(len(thresholds))
     for spec, density in reconstructed_densities(vae, dataset):

@@ -1,0 +1,129 @@
+"""The model card's figures, regenerated from a checkpoint and the procedural dataset.
+
+    python -m training.figures --data data/synth --out docs/        # the shipped model
+
+Writes three PNGs:
+- vae_reconstructions.png: held-out objects, one per shape; per row three ground-truth views
+  (left) and the VAE's reconstruction rendered from the same cameras (right);
+- sample_previews.png: one row per prompt, four ray-marched turntable views of the generated object;
+- sample_meshes.png: the meshes extracted from those objects (what the GLB holds), drawn with flat
+  Lambert shading by a painter's-algorithm rasteriser, so what is shown is the triangles themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
+from ln3diff_rt.meshing import MeshResult
+from ln3diff_rt.pipeline import PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS, GenerationOptions, Generator
+from ln3diff_rt.rendering import render_chunked
+from training.data.dataset import MultiViewDataset
+
+DEFAULT_PROMPTS = ("a red cube", "a blue sphere", "a yellow torus", "a green cone", "a purple cylinder",
+                   "an orange snowman")
+CELL = 128
+
+
+def grid_image(rows: list[list[np.ndarray]], cell: int = CELL) -> Image.Image:
+    """Tile [H, W, 3] uint8 images (each resized to cell x cell) into one picture, row by row."""
+    columns = max(len(r) for r in rows)
+    canvas = Image.new("RGB", (columns * cell, len(rows) * cell), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            tile = Image.fromarray(image).resize((cell, cell), Image.Resampling.LANCZOS)
+            canvas.paste(tile, (x * cell, y * cell))
+    return canvas
+
+
+def to_uint8(rgb: torch.Tensor) -> np.ndarray:
+    return (rgb.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
+
+
+@torch.no_grad()
+def vae_reconstructions(generator: Generator, data: str, views: int = 3) -> list[list[np.ndarray]]:
+    """Rows of `views` ground-truth views then the same views rendered from the VAE's reconstruction."""
+    cfg = generator.config
+    dataset = MultiViewDataset(data, "val", cfg.encoder.num_views, views, cfg.encoder.image_size, "skip", seed=0)
+    first_of_shape: dict[str, int] = {}
+    for i, record in enumerate(dataset.records):
+        first_of_shape.setdefault(record.meta.get("ln3diff_synth", {}).get("shape", f"object {i}"), i)
+    rows = []
+    vae = generator.models.vae
+    for index in list(first_of_shape.values())[:6]:
+        item = dataset[index]
+        mean, _ = vae.encode(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
+        planes = vae.decode(mean)
+        truth = [to_uint8(image.permute(1, 2, 0)) for image in item["target_images"]]
+        size = item["target_images"].shape[-1]
+        rendered = []
+        for c2w, intrinsics in zip(item["target_c2w"], item["target_intrinsics"], strict=True):
+            origins, dirs = camera_rays(c2w, intrinsics, size, size)
+            out = render_chunked(vae.field, planes, origins.reshape(1, -1, 3), dirs.reshape(1, -1, 3), cfg.renderer)
+            rendered.append(to_uint8(out.rgb[0].reshape(size, size, 3)))
+        rows.append(truth + rendered)
+    return rows
+
+
+def draw_mesh(mesh: MeshResult, c2w: torch.Tensor, size: int = 256, fov: float = PREVIEW_FOV) -> np.ndarray:
+    """Flat-shaded faces, far to near (painter's algorithm), back faces culled, over white."""
+    image = Image.new("RGB", (size, size), "white")
+    if mesh.empty:
+        return np.asarray(image)
+    world_to_camera = torch.linalg.inv(c2w).numpy()
+    vertices = mesh.vertices @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]  # camera looks down -z
+    fx, fy, cx, cy = intrinsics_from_fov(fov, size, size).tolist()
+    depth = -vertices[:, 2]
+    pixels = np.stack([cx + fx * vertices[:, 0] / depth, cy - fy * vertices[:, 1] / depth], axis=1)
+    tri = vertices[mesh.faces]
+    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
+    centres = tri.mean(axis=1)
+    facing = (normals * centres).sum(axis=1) < 0  # normal points back towards the camera at the origin
+    light = np.array([0.3, 0.5, 0.8]) / np.linalg.norm([0.3, 0.5, 0.8])  # over the viewer's shoulder
+    shade = 0.35 + 0.65 * np.clip(normals @ light, 0.0, 1.0)
+    colours = mesh.vertex_colors[mesh.faces, :3].mean(axis=1) * shade[:, None]
+    draw = ImageDraw.Draw(image)
+    for f in np.argsort(centres[:, 2]):  # farthest (most negative z) first
+        if facing[f]:
+            draw.polygon([tuple(p) for p in pixels[mesh.faces[f]]], fill=tuple(int(c) for c in colours[f]))
+    return np.asarray(image)
+
+
+def samples(generator: Generator, prompts: list[str], seed: int, views: int = 4
+            ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
+    """Turntable previews (rows of `views` frames) and one mesh drawing per prompt."""
+    options = GenerationOptions(preview_views=views, preview_size=CELL)
+    results = generator.generate(prompts, [seed + i for i in range(len(prompts))], options)
+    c2w = orbit_camera(-60.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
+    return [r.previews for r in results], [draw_mesh(r.mesh, c2w) for r in results]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m training.figures", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", default=None, help="model checkpoint (default: the shipped model)")
+    p.add_argument("--data", required=True, help="dataset made by python -m training.data.synth (for the VAE figure)")
+    p.add_argument("--out", default="docs", help="output folder (default: %(default)s)")
+    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="prompts of the sample figures")
+    p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's object; prompt i uses seed + i")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    generator = Generator.from_checkpoint(args.ckpt)
+    grid_image(vae_reconstructions(generator, args.data)).save(out / "vae_reconstructions.png")
+    previews, meshes = samples(generator, args.prompts, args.seed)
+    grid_image(previews).save(out / "sample_previews.png")
+    grid_image([meshes], cell=160).save(out / "sample_meshes.png")
+    for name in ("vae_reconstructions.png", "sample_previews.png", "sample_meshes.png"):
+        print(f"wrote {out / name}")
+
+
+if __name__ == "__main__":
+    main()

@@ -130,6 +130,20 @@ def test_torchrun_two_cpu_processes_keep_identical_replicas(dataset, tmp_path):
     assert (out / "vae.safetensors").is_file()
 
 
+def test_torchrun_diffusion_keeps_identical_replicas(dataset, vae_checkpoint, tmp_path):
+    """Rank 0 encodes the latent cache while the other waits at a barrier, then both train."""
+    out = tmp_path / "ddp-dit"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+           "training.diffusion", "--data", str(dataset), "--vae", str(vae_checkpoint), "--out", str(out),
+           "--steps", "3", "--batch-size", "2", "--encode-passes", "1", "--eval-every", "1000"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = records(out / "log.jsonl", "done")[0]
+    assert done["world"] == 2 and done["replica_divergence"] == 0.0
+    assert load_models(out / "model.safetensors", require=("vae", "dit")).dit is not None
+
+
 def test_sigterm_saves_the_state_and_resume_continues(dataset, tmp_path):
     import signal
     import time

@@ -33,7 +33,7 @@ from ln3diff_rt.pipeline import GenerationOptions, Generator
 from ln3diff_rt.rendering import render_chunked
 from training.data.dataset import MultiViewDataset, load_object
 from training.data.synth import COLOURS, SHAPES, ObjectSpec, sdf
-from training.vae import evaluate_psnr
+from training.vae import evaluate_psnr, reconstruct_planes
 
 GRID = 32
 YAWS = range(0, 360, 15)
@@ -125,8 +125,7 @@ def reconstructed_densities(vae, dataset: MultiViewDataset):
     dataset.set_epoch(0)
     for i, record in enumerate(dataset.records):
         item = dataset[i]
-        mean, _ = vae.encode(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
-        density = vae.field(vae.decode(mean), points[None])[0][0].numpy()
+        density = vae.field(reconstruct_planes(vae, item), points[None])[0][0].numpy()
         yield ObjectSpec.from_meta(record.meta["ln3diff_synth"]), density
 
 

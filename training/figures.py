@@ -24,6 +24,7 @@ from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.pipeline import PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS, GenerationOptions, Generator
 from ln3diff_rt.rendering import render_chunked
 from training.data.dataset import MultiViewDataset
+from training.vae import reconstruct_planes
 
 DEFAULT_PROMPTS = ("a red cube", "a blue sphere", "a yellow torus", "a green cone", "a purple cylinder",
                    "an orange snowman")
@@ -57,8 +58,7 @@ def vae_reconstructions(generator: Generator, data: str, views: int = 3) -> list
     vae = generator.models.vae
     for index in list(first_of_shape.values())[:6]:
         item = dataset[index]
-        mean, _ = vae.encode(item["input_images"][None], item["input_c2w"][None], item["input_intrinsics"][None])
-        planes = vae.decode(mean)
+        planes = reconstruct_planes(vae, item)
         truth = [to_uint8(image.permute(1, 2, 0)) for image in item["target_images"]]
         size = item["target_images"].shape[-1]
         rendered = []

@@ -112,6 +112,12 @@ def sample_target_rays(batch: dict, count: int, generator: torch.Generator, fore
     return gather(origins), gather(dirs), rgb, mask
 
 
+def reconstruct_planes(vae: TriplaneVAE, item: dict, device: str = "cpu") -> torch.Tensor:
+    """Tri-planes [1, 3, C, R, R] decoded from the posterior mean of one dataset item's input views."""
+    mean, _ = vae.encode(*(item[k][None].to(device) for k in ("input_images", "input_c2w", "input_intrinsics")))
+    return vae.decode(mean)
+
+
 @torch.no_grad()
 def evaluate_psnr(vae: TriplaneVAE, dataset: MultiViewDataset, count: int, device: str) -> float:
     """Mean PSNR of full novel views of held-out objects, reconstructed from their input views."""
@@ -120,9 +126,7 @@ def evaluate_psnr(vae: TriplaneVAE, dataset: MultiViewDataset, count: int, devic
     psnrs = []
     for i in range(min(count, len(dataset))):
         item = dataset[i]
-        mean, _ = vae.encode(item["input_images"][None].to(device), item["input_c2w"][None].to(device),
-                             item["input_intrinsics"][None].to(device))
-        planes = vae.decode(mean)
+        planes = reconstruct_planes(vae, item, device)
         _, _, h, w = item["target_images"].shape
         origins, dirs = camera_rays(item["target_c2w"][:1], item["target_intrinsics"][:1], h, w)
         out = render_chunked(vae.field, planes, origins.reshape(1, -1, 3).to(device),

@@ -15,3 +15,19 @@ import torch  # noqa: E402
 # One intra-op thread: the test tensors are small, and with two threads a second busy process on a
 # 2-core machine makes OpenMP spin-waits cost 10-100x (measured: a 2-s fixture took 400 s).
 torch.set_num_threads(1)
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+# `../shared` sits beside the project in the team's checkouts and in CI; a user's clone lacks it.
+SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+OFFICIAL_DIR = SHARED_DIR / "official-ln3diff"
+
+
+def shared_path(*parts: str) -> Path:
+    """A file under ../shared, or a pytest skip naming what is missing and why."""
+    path = SHARED_DIR.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is absent: the shared fixtures sit beside the project in CI and team checkouts only")
+    return path

@@ -21,7 +21,8 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 # `../shared` sits beside the project in the team's checkouts and in CI; a user's clone lacks it.
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+# LN3DIFF_SHARED points elsewhere (a clone made in /tmp, say).
+SHARED_DIR = Path(os.environ.get("LN3DIFF_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 OFFICIAL_DIR = SHARED_DIR / "official-ln3diff"
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.triplane_ref import PLANE_AXES
+from ln3diff_rt.conventions import PLANE_AXES
 from ln3diff_rt.rendering import TriplaneField
 
 

@@ -19,13 +19,11 @@ from export.manifest import ComponentEntry, check_manifest, read_manifest
 from export.onnx_engine import OrtRunner
 from export.tensorrt_engine import TensorRTRunner, require_tensorrt, run_within
 from ln3diff_rt.checkpoint import file_sha256
+from ln3diff_rt.conventions import FIELD_CHUNK
 from ln3diff_rt.pipeline import Components
 from ln3diff_rt.sampling import Condition
 
 Engine = Callable[..., tuple[torch.Tensor, ...]]
-# Field queries on a CPU go in chunks whose [N, hidden] intermediates stay in cache: 2^18 points per call
-# (a meshing chunk) ran 1.6x (AOTInductor) to 2.6x (eager) slower than the same points in 2^14-point calls.
-CPU_FIELD_CHUNK = 2 ** 14
 
 
 def load_engine(engine_dir: str | Path, entry: ComponentEntry, device: str) -> Engine:
@@ -104,7 +102,7 @@ def load_engine_components(engine_dir: str | Path, backend: str, ckpt_path: str 
         decoder = engines["decoder"]
         out.decoder = lambda latent: decoder(latent)[0]
     if "field" in engines:
-        out.field = _batched_field(engines["field"], CPU_FIELD_CHUNK if torch.device(device).type == "cpu" else None)
+        out.field = _batched_field(engines["field"], FIELD_CHUNK if torch.device(device).type == "cpu" else None)
     return out
 
 

@@ -26,9 +26,11 @@ from pathlib import Path
 import torch
 
 from export.manifest import TensorSpec
+from ln3diff_rt.conventions import FIELD_CHUNK, MAX_FIELD_POINTS
 
 SUFFIX = ".plan"
-FIELD_POINTS = (1, 2 ** 18, 2 ** 19)  # min, opt, max points per field call
+# min, opt, max points per field call: most calls are mesh chunks, the largest a chunk of preview rays.
+FIELD_POINTS = (1, FIELD_CHUNK, MAX_FIELD_POINTS)
 WORKSPACE_BYTES = 4 << 30
 
 

@@ -11,6 +11,8 @@ from collections.abc import Callable
 
 import torch
 
+from ln3diff_rt.conventions import OCCUPANCY_CHUNK
+
 
 def cell_centres(resolution: int, bound: float = 1.0, device: torch.device | str = "cpu") -> torch.Tensor:
     """Centres [G, G, G, 3] of the grid's cells, indexed [ix, iy, iz]."""
@@ -22,7 +24,7 @@ def cell_centres(resolution: int, bound: float = 1.0, device: torch.device | str
 @torch.no_grad()
 def build_occupancy_grid(density_fn: Callable[[torch.Tensor], torch.Tensor], resolution: int,
                          threshold: float, bound: float = 1.0, device: torch.device | str = "cpu",
-                         chunk: int = 65536) -> torch.Tensor:
+                         chunk: int = OCCUPANCY_CHUNK) -> torch.Tensor:
     """Boolean grid [G, G, G]: True where density_fn (points [M, 3] -> densities [M]) at the cell
     centre exceeds `threshold`. Evaluated in chunks of `chunk` points to bound memory.
 

@@ -3,8 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-# Which two coordinates of a point index each plane, in the plane order (xy, xz, yz).
-PLANE_AXES = ((0, 1), (0, 2), (1, 2))
+from ln3diff_rt.conventions import PLANE_AXES
 
 
 def triplane_sample_ref(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from kernels import composite_rays, triplane_sample
 from kernels.occupancy import build_occupancy_grid, occupied_box, occupied_samples
 from ln3diff_rt.cameras import ray_aabb_intersect, ray_box_intersect
 from ln3diff_rt.config import RendererConfig
+from ln3diff_rt.conventions import RAY_CHUNK
 
 
 class TriplaneField(nn.Module):
@@ -158,7 +159,7 @@ def _march(field, planes, origins, dirs, near, far, cfg: RendererConfig, perturb
 
 
 def render_chunked(field: TriplaneField, planes: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor,
-                   cfg: RendererConfig, chunk: int = 4096, occupancy: torch.Tensor | None = None) -> RenderOutput:
+                   cfg: RendererConfig, chunk: int = RAY_CHUNK, occupancy: torch.Tensor | None = None) -> RenderOutput:
     """Inference rendering of many rays [B, N, 3] in chunks to bound memory."""
     parts = [render_rays(field, planes, origins[:, i:i + chunk], dirs[:, i:i + chunk], cfg, occupancy=occupancy)
              for i in range(0, origins.shape[1], chunk)]

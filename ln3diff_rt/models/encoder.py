@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.triplane_ref import PLANE_AXES
 from ln3diff_rt.config import ModelConfig
+from ln3diff_rt.conventions import PLANE_AXES
 from ln3diff_rt.models.layers import Attention, Mlp, triplane_pos_embed
 
 

@@ -25,9 +25,10 @@ from pathlib import Path
 import torch
 
 from export.build_engine import build_engine
-from export.runtime import CPU_FIELD_CHUNK, load_engine_components
+from export.runtime import load_engine_components
 from ln3diff_rt.checkpoint import save_checkpoint
 from ln3diff_rt.config import get_preset
+from ln3diff_rt.conventions import FIELD_CHUNK
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.pipeline import GenerationOptions, Generator
@@ -81,8 +82,8 @@ def component_cases(gen: Generator, batch: int) -> dict:
         f"decoder B={batch}": lambda: c.decoder(latent),
         f"field N={FIELD_POINTS}": lambda: c.field(planes, points),
         # the same points in the calls the engine runtime makes on a CPU: what eager would gain from them too
-        f"field N={FIELD_POINTS} /{CPU_FIELD_CHUNK}": lambda: [c.field(planes, points[:, i:i + CPU_FIELD_CHUNK])
-                                                              for i in range(0, FIELD_POINTS, CPU_FIELD_CHUNK)],
+        f"field N={FIELD_POINTS} /{FIELD_CHUNK}": lambda: [c.field(planes, points[:, i:i + FIELD_CHUNK])
+                                                              for i in range(0, FIELD_POINTS, FIELD_CHUNK)],
     }
 
 

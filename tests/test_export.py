@@ -27,7 +27,7 @@ from export.manifest import (
     versions,
     write_manifest,
 )
-from export.runtime import CPU_FIELD_CHUNK, load_engine_components
+from export.runtime import load_engine_components
 from export.tensorrt_engine import (
     FIELD_POINTS,
     BackendUnavailable,
@@ -38,6 +38,7 @@ from export.tensorrt_engine import (
 )
 from ln3diff_rt.checkpoint import file_sha256, save_checkpoint
 from ln3diff_rt.config import get_preset
+from ln3diff_rt.conventions import FIELD_CHUNK
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.pipeline import Components, GenerationOptions
@@ -114,7 +115,7 @@ def check_components_match_eager(eager, engine, config, batch: int) -> None:
         for ref, out in zip(eager.field(planes_ref, points), engine.field(planes_ref, points), strict=True):
             assert ref.shape == out.shape
             assert max_error(out, ref) < TOLERANCES["field"]
-        many = torch.rand(1, 2 * CPU_FIELD_CHUNK + 5, 3, generator=gen) * 2 - 1  # several engine calls
+        many = torch.rand(1, 2 * FIELD_CHUNK + 5, 3, generator=gen) * 2 - 1  # several engine calls
         for ref, out in zip(eager.field(planes_ref[:1], many), engine.field(planes_ref[:1], many), strict=True):
             assert ref.shape == out.shape and max_error(out, ref) < TOLERANCES["field"]
         density, rgb = engine.field(planes_ref[:1], points[:1, :0])  # meshing can ask for no points

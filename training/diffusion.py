@@ -13,7 +13,6 @@ loads) and `log.jsonl` under --out.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import time
@@ -41,25 +40,28 @@ from training.common import (
     step_generator,
     warmup_cosine_lr,
 )
+from training.flags import flag, parse_config
 from training.latents import LatentSet, build_latent_cache, load_latents
 
 
 @dataclass(frozen=True)
 class DiffusionTrainConfig:
-    data: str
-    vae: str
-    out: str = "runs/diffusion"
-    steps: int = 8000  # the shipped model's DiT: about 35 min on two CPU threads
-    batch_size: int = 64
-    lr: float = 3e-4
-    warmup: int = 200
-    ema: float = 0.999
-    encode_passes: int = 4  # random input-view subsets encoded per training object
-    eval_every: int = 500
-    save_every: float = 120.0
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
+    """Stage-2 settings; each field is also a command-line flag (training.flags), help text beside it."""
+
+    data: str = flag(help="the dataset root the VAE was trained on (train/ and val/)")
+    vae: str = flag(help="stage-1 checkpoint (OUT/vae.safetensors of training.vae)")
+    out: str = flag("runs/diffusion", "run directory")
+    steps: int = flag(8000, "total optimisation steps")  # the shipped model's DiT: about 35 min on two CPU threads
+    batch_size: int = flag(64, "latents per step per process")
+    lr: float = flag(3e-4, "peak AdamW learning rate, cosine decay to 10%")
+    warmup: int = flag(200, "linear warm-up steps")
+    ema: float = flag(0.999, "EMA decay of the shipped weights")
+    encode_passes: int = flag(4, "random input-view subsets encoded per training object (augmentation)")
+    eval_every: int = flag(500, "steps between held-out loss evaluations")
+    save_every: float = flag(120.0, "seconds between state saves")
+    seed: int = flag(0, "seed for weights, batches, noise and dropout")
+    device: str = flag("cpu", "cpu or cuda (one GPU per torchrun process)")
+    resume: bool = flag(False, "continue from OUT/train_state.safetensors")
 
 
 class FlowObjective(nn.Module):
@@ -182,32 +184,9 @@ def train(cfg: DiffusionTrainConfig) -> Path:
     return model_path
 
 
-def parse_args(argv: list[str] | None = None) -> DiffusionTrainConfig:
-    d = DiffusionTrainConfig(data="", vae="")
-    p = argparse.ArgumentParser(prog="python -m training.diffusion", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="the dataset root the VAE was trained on (train/ and val/)")
-    p.add_argument("--vae", required=True, help="stage-1 checkpoint (OUT/vae.safetensors of training.vae)")
-    p.add_argument("--out", default=d.out, help="run directory (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=d.steps, help="total optimisation steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="latents per step per process")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak AdamW learning rate, cosine decay to 10%%")
-    p.add_argument("--warmup", type=int, default=d.warmup, help="linear warm-up steps")
-    p.add_argument("--ema", type=float, default=d.ema, help="EMA decay of the shipped weights")
-    p.add_argument("--encode-passes", type=int, default=d.encode_passes,
-                   help="random input-view subsets encoded per training object (augmentation)")
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out loss evaluations")
-    p.add_argument("--save-every", type=float, default=d.save_every, help="seconds between state saves")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for weights, batches, noise and dropout")
-    p.add_argument("--device", default=d.device, help="cpu or cuda (one GPU per torchrun process)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
-    args = p.parse_args(argv)
-    return DiffusionTrainConfig(**vars(args))
-
-
 def main(argv: list[str] | None = None) -> None:
     with distributed_teardown():
-        path = train(parse_args(argv))
+        path = train(parse_config(DiffusionTrainConfig, argv, "python -m training.diffusion", __doc__))
     print(f"wrote {path}")
 
 

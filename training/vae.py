@@ -11,7 +11,6 @@ alpha mask + KL. Writes `train_state.safetensors` (resume), `vae.safetensors` (t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import math
 import sys
@@ -43,30 +42,35 @@ from training.common import (
     warmup_cosine_lr,
 )
 from training.data.dataset import MultiViewDataset
+from training.flags import flag, parse_config
 
 
 @dataclass(frozen=True)
 class VAETrainConfig:
-    data: str
-    out: str = "runs/vae"
-    preset: str = "tiny"
-    steps: int = 6000  # the shipped model's VAE: about 1.5 h on one CPU thread
-    batch_size: int = 4
-    lr: float = 4e-4
-    warmup: int = 100
-    input_views: int = 0  # 0: the preset's encoder.num_views
-    target_views: int = 4
-    rays_per_object: int = 1024
-    foreground_fraction: float = 0.5
-    kl_weight: float = 1e-5  # per-element mean KL; 1e-3 collapsed the posterior (sigma ~0.8, colour lost)
-    mask_weight: float = 0.5
-    eval_every: int = 250
-    eval_objects: int = 16
-    save_every: float = 120.0  # seconds between training-state saves
-    seed: int = 0
-    device: str = "cpu"
-    resume: bool = False
-    fail_on_bad_object: bool = False
+    """Stage-1 settings; each field is also a command-line flag (training.flags), help text beside it."""
+
+    data: str = flag(help="dataset root with train/ and val/ object folders "
+                     "(NeRF-synthetic transforms.json each; make one with python -m training.data.synth)")
+    out: str = flag("runs/vae", "run directory for state, model and logs")
+    preset: str = flag("tiny", "model size", choices=["tiny", "base", "paper"])
+    steps: int = flag(6000, "total optimisation steps")  # the shipped model's VAE: about 1.5 h on one CPU thread
+    batch_size: int = flag(4, "objects per step per process")
+    lr: float = flag(4e-4, "peak AdamW learning rate, cosine decay to 10%")
+    warmup: int = flag(100, "linear warm-up steps")
+    input_views: int = flag(0, "views given to the encoder (default: the preset's)")  # 0: encoder.num_views
+    target_views: int = flag(4, "novel views rays are drawn from per object")
+    rays_per_object: int = flag(1024, "random rays rendered per object per step (memory knob)")
+    foreground_fraction: float = flag(0.5, "share of rays drawn inside the object mask (the rest uniform)")
+    # per-element mean KL; 1e-3 collapsed the posterior (sigma ~0.8, colour lost)
+    kl_weight: float = flag(1e-5, "weight of the per-element KL term")
+    mask_weight: float = flag(0.5, "weight of the opacity-vs-alpha L1")
+    eval_every: int = flag(250, "steps between held-out PSNR evals")
+    eval_objects: int = flag(16, "held-out objects per eval")
+    save_every: float = flag(120.0, "seconds between state saves")
+    seed: int = flag(0, "seed for weights, data order and rays")
+    device: str = flag("cpu", "cpu or cuda (one GPU per torchrun process)")
+    resume: bool = flag(False, "continue from OUT/train_state.safetensors")
+    fail_on_bad_object: bool = flag(False, "stop at the first unreadable object instead of skipping and reporting it")
 
 
 class VAEObjective(nn.Module):
@@ -222,43 +226,9 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     return model_path
 
 
-def parse_args(argv: list[str] | None = None) -> VAETrainConfig:
-    defaults = VAETrainConfig(data="")
-    p = argparse.ArgumentParser(prog="python -m training.vae", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", required=True, help="dataset root with train/ and val/ object folders "
-                   "(NeRF-synthetic transforms.json each; make one with python -m training.data.synth)")
-    p.add_argument("--out", default=defaults.out, help="run directory for state, model and logs (default: %(default)s)")
-    p.add_argument("--preset", default=defaults.preset, choices=["tiny", "base", "paper"], help="model size")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="total optimisation steps (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="objects per step per process")
-    p.add_argument("--lr", type=float, default=defaults.lr, help="peak AdamW learning rate, cosine decay to 10%%")
-    p.add_argument("--warmup", type=int, default=defaults.warmup, help="linear warm-up steps")
-    p.add_argument("--input-views", type=int, default=defaults.input_views,
-                   help="views given to the encoder (default: the preset's)")
-    p.add_argument("--target-views", type=int, default=defaults.target_views,
-                   help="novel views rays are drawn from per object")
-    p.add_argument("--rays-per-object", type=int, default=defaults.rays_per_object,
-                   help="random rays rendered per object per step (memory knob)")
-    p.add_argument("--foreground-fraction", type=float, default=defaults.foreground_fraction,
-                   help="share of rays drawn inside the object mask (the rest uniform)")
-    p.add_argument("--kl-weight", type=float, default=defaults.kl_weight, help="weight of the per-element KL term")
-    p.add_argument("--mask-weight", type=float, default=defaults.mask_weight, help="weight of the opacity-vs-alpha L1")
-    p.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out PSNR evals")
-    p.add_argument("--eval-objects", type=int, default=defaults.eval_objects, help="held-out objects per eval")
-    p.add_argument("--save-every", type=float, default=defaults.save_every, help="seconds between state saves")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="seed for weights, data order and rays")
-    p.add_argument("--device", default=defaults.device, help="cpu or cuda (one GPU per torchrun process)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/train_state.safetensors")
-    p.add_argument("--fail-on-bad-object", action="store_true",
-                   help="stop at the first unreadable object instead of skipping and reporting it")
-    args = p.parse_args(argv)
-    return VAETrainConfig(**{k.replace("-", "_"): v for k, v in vars(args).items()})
-
-
 def main(argv: list[str] | None = None) -> None:
     with distributed_teardown():
-        path = train(parse_args(argv))
+        path = train(parse_config(VAETrainConfig, argv, "python -m training.vae", __doc__))
     print(f"wrote {path}")
 
 

@@ -35,6 +35,10 @@ class Dist:
     def main(self) -> bool:
         return self.rank == 0
 
+    def device(self, requested: str) -> str:
+        """This process's device: "cuda" means the GPU of its local rank (one GPU per torchrun process)."""
+        return f"cuda:{self.local_rank}" if requested == "cuda" else requested
+
 
 def setup_distributed(device: str) -> Dist:
     """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU)."""

@@ -14,34 +14,20 @@ loads) and `log.jsonl` under --out.
 from __future__ import annotations
 
 import copy
-import dataclasses
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ln3diff_rt.checkpoint import load_models, save_checkpoint
 from ln3diff_rt.config import get_preset
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.sampling import Condition, flow_matching_loss
-from training.common import (
-    JsonlLog,
-    batch_indices,
-    distributed_teardown,
-    load_train_state,
-    raise_on_sigterm,
-    replica_divergence,
-    save_train_state,
-    setup_distributed,
-    step_generator,
-    warmup_cosine_lr,
-)
+from training.common import distributed_teardown, setup_distributed
 from training.flags import flag, parse_config
 from training.latents import LatentSet, build_latent_cache, load_latents
+from training.loop import Stage, run
 
 
 @dataclass(frozen=True)
@@ -71,11 +57,11 @@ class FlowObjective(nn.Module):
         super().__init__()
         self.dit, self.dropout = dit, dropout
 
-    def forward(self, z0, context, pooled, null: Condition, generator):
+    def forward(self, z0, context, pooled, null: Condition, generator) -> tuple[torch.Tensor, dict]:
         drop = torch.rand(z0.shape[0], generator=generator, device=z0.device) < self.dropout
         context = torch.where(drop[:, None, None], null.context, context)
         pooled = torch.where(drop[:, None], null.pooled, pooled)
-        return flow_matching_loss(self.dit, z0, Condition(context, pooled), generator)
+        return flow_matching_loss(self.dit, z0, Condition(context, pooled), generator), {}
 
 
 def draw_batch(latents: LatentSet, idx: list[int], scale: float, generator: torch.Generator):
@@ -102,9 +88,17 @@ def evaluate(dit: DiT, latents: LatentSet, scale: float, device: str, seed: int 
     return sum(losses) / max(1, len(latents.mean))
 
 
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameter by parameter (the shipped weights are the EMA)."""
+    for pe, p in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(p, 1.0 - decay)
+
+
 def train(cfg: DiffusionTrainConfig) -> Path:
+    """Run (or resume) stage-2 training; returns the path of the written model (VAE + EMA DiT)."""
     dist_env = setup_distributed(cfg.device)
-    device = f"cuda:{dist_env.local_rank}" if cfg.device == "cuda" else cfg.device
+    device = dist_env.device(cfg.device)
     out = Path(cfg.out)
     vae_models = load_models(cfg.vae, "cpu", require=("vae",))
     if dist_env.main:
@@ -122,65 +116,29 @@ def train(cfg: DiffusionTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     dit = DiT(model_cfg).to(device)
     ema = copy.deepcopy(dit).requires_grad_(False)
-    holder = nn.ModuleDict({"dit": dit, "ema": ema})  # saved together for exact resume
-    optimizer = torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0)
-    state_path = out / "train_state.safetensors"
-    step = 0
-    if cfg.resume:
-        step, _ = load_train_state(state_path, holder, optimizer)
-    objective = FlowObjective(dit, model_cfg.dit.cfg_dropout)
-    wrapped = DistributedDataParallel(objective) if dist_env.world > 1 else objective
-    log = JsonlLog(out / "log.jsonl", dist_env.main)
-    log.write(event="start", step=step, config=dataclasses.asdict(cfg), latents=len(train_set.mean),
-              val_latents=len(val_set.mean), latent_scale=scale, world=dist_env.world)
-
-    def save(step: int) -> None:
-        if dist_env.main:
-            save_train_state(state_path, model_cfg, holder, optimizer, step, {"train_config": dataclasses.asdict(cfg)})
-
-    raise_on_sigterm()
-    last_save = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc="diffusion", dynamic_ncols=True)
-    try:
-        while step < cfg.steps:
-            t0 = time.time()
-            g = step_generator(cfg.seed, step, dist_env.rank)
-            idx = batch_indices(len(train_set.mean), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
-            z, ctx, pooled = draw_batch(train_set, idx, scale, g)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(cfg.lr, step, cfg.warmup, cfg.steps)
-            loss = wrapped(z.to(device), ctx.to(device), pooled.to(device), null, g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(dit.parameters(), 1.0)
-            optimizer.step()
-            with torch.no_grad():
-                for pe, p in zip(ema.parameters(), dit.parameters(), strict=True):
-                    pe.lerp_(p, 1.0 - cfg.ema)
-            step += 1
-            log.write(event="train", step=step, loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
-                      lr=optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if dist_env.main and (step % cfg.eval_every == 0 or step == cfg.steps):
-                val = evaluate(ema, val_set, scale, device)
-                log.write(event="eval", step=step, val_flow_loss=round(val, 5))
-                bar.write(f"step {step}: held-out flow-matching loss {val:.4f} (EMA)")
-            if time.time() - last_save > cfg.save_every:
-                save(step)
-                last_save = time.time()
-    except KeyboardInterrupt:
-        save(step)
-        bar.write(f"interrupted at step {step}: state saved to {state_path}; continue with --resume")
-        raise
-    bar.close()
-    save(step)
-    divergence = replica_divergence(dit, dist_env.world)  # collective: every rank calls it
     model_path = out / "model.safetensors"
-    if dist_env.main:
+
+    def batch(indices: list[int], step: int, generator: torch.Generator) -> tuple:
+        z, ctx, pooled = draw_batch(train_set, indices, scale, generator)
+        return z.to(device), ctx.to(device), pooled.to(device), null
+
+    def evaluate_ema() -> tuple[dict, str]:
+        val = evaluate(ema, val_set, scale, device)
+        return {"val_flow_loss": round(val, 5)}, f"held-out flow-matching loss {val:.4f} (EMA)"
+
+    def finish(step: int) -> dict:
         save_checkpoint(model_path, model_cfg, {"vae": vae_models.vae, "dit": ema},
                         {"train_steps_dit": str(step), "train_steps_vae": vae_models.metadata.get("train_steps", "")})
-        log.write(event="done", step=step, world=dist_env.world, replica_divergence=divergence)
+        return {}
+
+    stage = Stage(name="diffusion", config=model_cfg, model=dit,
+                  state=nn.ModuleDict({"dit": dit, "ema": ema}),  # saved together for exact resume
+                  objective=FlowObjective(dit, model_cfg.dit.cfg_dropout),
+                  optimizer=torch.optim.AdamW(dit.parameters(), lr=cfg.lr, weight_decay=0.0),
+                  num_items=len(train_set.mean), batch=batch, finish=finish, evaluate=evaluate_ema,
+                  after_step=lambda: update_ema(ema, dit, cfg.ema),
+                  info={"latents": len(train_set.mean), "val_latents": len(val_set.mean), "latent_scale": scale})
+    run(cfg, stage, dist_env)
     return model_path
 
 

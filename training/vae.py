@@ -14,35 +14,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from ln3diff_rt.cameras import camera_rays
 from ln3diff_rt.checkpoint import save_checkpoint
 from ln3diff_rt.config import ModelConfig, get_preset
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.rendering import render_chunked, render_rays
-from training.common import (
-    Dist,
-    JsonlLog,
-    batch_indices,
-    distributed_teardown,
-    load_train_state,
-    raise_on_sigterm,
-    replica_divergence,
-    save_train_state,
-    setup_distributed,
-    step_generator,
-    warmup_cosine_lr,
-)
+from training.common import Dist, distributed_teardown, setup_distributed
 from training.data.dataset import MultiViewDataset
 from training.flags import flag, parse_config
+from training.loop import Stage, run
 
 
 @dataclass(frozen=True)
@@ -145,12 +131,11 @@ def evaluate_psnr(vae: TriplaneVAE, dataset: MultiViewDataset, count: int, devic
 def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     """Run (or resume) stage-1 training; returns the path of the written VAE checkpoint."""
     dist_env = dist_env or setup_distributed(cfg.device)
-    device = f"cuda:{dist_env.local_rank}" if cfg.device == "cuda" else cfg.device
+    device = dist_env.device(cfg.device)
     model_cfg: ModelConfig = get_preset(cfg.preset)
     input_views = cfg.input_views or model_cfg.encoder.num_views
     if input_views != model_cfg.encoder.num_views:
         model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views))
-    out = Path(cfg.out)
     on_error = "raise" if cfg.fail_on_bad_object else "skip"
     size = model_cfg.encoder.image_size
     train_set = MultiViewDataset(cfg.data, "train", input_views, cfg.target_views, size, on_error, cfg.seed,
@@ -161,68 +146,31 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     vae = TriplaneVAE(model_cfg).to(device)
-    objective = VAEObjective(vae, cfg.kl_weight, cfg.mask_weight)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    state_path = out / "train_state.safetensors"
-    step = 0
-    if cfg.resume:
-        step, _ = load_train_state(state_path, vae, optimizer)
-    wrapped = DistributedDataParallel(objective) if dist_env.world > 1 else objective
-    log = JsonlLog(out / "log.jsonl", dist_env.main)
-    log.write(event="start", step=step, config=dataclasses.asdict(cfg), world=dist_env.world,
-              train_objects=len(train_set), val_objects=len(val_set), skipped=len(train_set.skipped))
+    model_path = Path(cfg.out) / "vae.safetensors"
 
-    def save(step: int) -> None:
-        if dist_env.main:
-            save_train_state(state_path, model_cfg, vae, optimizer, step, {"train_config": dataclasses.asdict(cfg)})
+    def batch(indices: list[int], step: int, generator: torch.Generator) -> tuple:
+        views = collate(train_set, indices, epoch=step)
+        rays = sample_target_rays(views, cfg.rays_per_object, generator, cfg.foreground_fraction)
+        inputs = [views[k] for k in ("input_images", "input_c2w", "input_intrinsics")]
+        return tuple(x.to(device) for x in (*inputs, *rays))
 
-    raise_on_sigterm()
-    last_save = time.time()
-    bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc="vae", dynamic_ncols=True)
-    try:
-        while step < cfg.steps:
-            t0 = time.time()
-            g = step_generator(cfg.seed, step, dist_env.rank)
-            idx = batch_indices(len(train_set), cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
-            batch = collate(train_set, idx, epoch=step)
-            origins, dirs, rgb, mask = sample_target_rays(batch, cfg.rays_per_object, g, cfg.foreground_fraction)
-            for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(cfg.lr, step, cfg.warmup, cfg.steps)
-            inputs = [batch[k].to(device) for k in ("input_images", "input_c2w", "input_intrinsics")]
-            loss, parts = wrapped(*inputs, origins.to(device), dirs.to(device), rgb.to(device),
-                                  mask.to(device), g)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-            optimizer.step()
-            step += 1
-            record = {k: round(v.item(), 5) for k, v in parts.items()}
-            record.update(loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
-                          lr=optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
-            log.write(event="train", step=step, **record)
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.4f}", l1=f"{record['l1']:.4f}")
-            if dist_env.main and (step % cfg.eval_every == 0 or step == cfg.steps) and len(val_set):
-                psnr = evaluate_psnr(vae, val_set, cfg.eval_objects, device)
-                log.write(event="eval", step=step, val_psnr=round(psnr, 3))
-                bar.write(f"step {step}: val PSNR {psnr:.2f} dB")
-            if time.time() - last_save > cfg.save_every:
-                save(step)
-                last_save = time.time()
-    except KeyboardInterrupt:
-        save(step)
-        bar.write(f"interrupted at step {step}: state saved to {state_path}; continue with --resume")
-        raise
-    bar.close()
-    save(step)
-    divergence = replica_divergence(vae, dist_env.world)  # collective: every rank calls it
-    model_path = out / "vae.safetensors"
-    if dist_env.main:
+    def evaluate() -> tuple[dict, str]:
+        psnr = evaluate_psnr(vae, val_set, cfg.eval_objects, device)
+        return {"val_psnr": round(psnr, 3)}, f"val PSNR {psnr:.2f} dB"
+
+    def finish(step: int) -> dict:
         save_checkpoint(model_path, model_cfg, {"vae": vae}, {"train_steps": str(step)})
-        log.write(event="done", step=step, world=dist_env.world, replica_divergence=divergence,
-                  skipped=[f"{p}: {why}" for p, why in train_set.skipped])
-        if train_set.skipped:
-            print(f"skipped {len(train_set.skipped)} bad objects (see {out / 'log.jsonl'})", file=sys.stderr)
+        return {"skipped": [f"{p}: {why}" for p, why in train_set.skipped]}
+
+    stage = Stage(name="vae", config=model_cfg, model=vae, state=vae,
+                  objective=VAEObjective(vae, cfg.kl_weight, cfg.mask_weight),
+                  optimizer=torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0),
+                  num_items=len(train_set), batch=batch, finish=finish, evaluate=evaluate if len(val_set) else None,
+                  info={"train_objects": len(train_set), "val_objects": len(val_set),
+                        "skipped": len(train_set.skipped)})
+    run(cfg, stage, dist_env)
+    if dist_env.main and train_set.skipped:
+        print(f"skipped {len(train_set.skipped)} bad objects (see {Path(cfg.out) / 'log.jsonl'})", file=sys.stderr)
     return model_path
 
 

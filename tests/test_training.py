@@ -13,6 +13,7 @@ import training.diffusion as diffusion
 import training.vae as vae_training
 from ln3diff_rt.checkpoint import load_models
 from training.data.synth import generate
+from training.latents import load_latents
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -89,7 +90,10 @@ def test_diffusion_steps_lower_the_loss_and_ship_a_model(dataset, vae_checkpoint
     models = load_models(path, require=("vae", "dit"))
     start = records(tmp_path / "log.jsonl", "start")[0]
     assert models.config.latent_scale == pytest.approx(start["latent_scale"]) and models.config.latent_scale > 0
-    assert records(tmp_path / "log.jsonl", "eval")[-1]["val_flow_loss"] > 0
+    # The last held-out loss was measured on the EMA weights, and those are the weights shipped.
+    val = load_latents(tmp_path / "latents" / "val.safetensors")
+    shipped = diffusion.evaluate(models.dit, val, models.config.latent_scale, "cpu")
+    assert records(tmp_path / "log.jsonl", "eval")[-1]["val_flow_loss"] == pytest.approx(shipped, abs=1e-5)
 
 
 def test_diffusion_resume_is_exact(dataset, vae_checkpoint, tmp_path, monkeypatch):
@@ -180,29 +184,50 @@ def test_threshold_calibration_rewrites_the_checkpoint(dataset, vae_checkpoint, 
     copy = tmp_path / "vae.safetensors"
     shutil.copy(vae_checkpoint, copy)
     result = calibrate_checkpoint(str(copy), str(dataset))
-    assert result["threshold"] in [float(t) for t in result["iou_by_threshold"]]
-    assert result["iou"] == max(result["iou_by_threshold"].values()) or abs(
-        result["iou"] - max(result["iou_by_threshold"].values())) < 1e-4
     reloaded = load_models(copy)
     assert reloaded.config.renderer.mesh_threshold == result["threshold"]
+    assert reloaded.metadata["mesh_threshold_iou"] == f"{result['iou']:.4f}"
+    assert reloaded.metadata["train_steps"] == "3"  # the training metadata survives the rewrite
     original = load_models(vae_checkpoint).vae.state_dict()
     for k, v in reloaded.vae.state_dict().items():
         assert torch.equal(v, original[k])  # only the config changed
 
 
-def test_reconstruction_iou_agrees_with_the_calibration(dataset, vae_checkpoint):
+class SignedDistanceVAE:
+    """A stand-in VAE whose density is 20 - 100 * sdf of each held-out object in turn (in dataset order):
+    {density > 20} is exactly the object, so 20 is the best threshold, with IoU 1, and the others score less."""
+
+    def __init__(self, dataset):
+        from training.data.synth import ObjectSpec
+
+        self.specs = iter([ObjectSpec.from_meta(r.meta["ln3diff_synth"]) for r in dataset.records])
+
+    def encode(self, images, c2w, intrinsics):
+        return images, None
+
+    def decode(self, latent):
+        return latent
+
+    def field(self, planes, points):
+        from training.data.synth import sdf
+
+        return torch.from_numpy(20.0 - 100.0 * sdf(next(self.specs), points[0].numpy()))[None], None
+
+
+def test_threshold_calibration_and_geometry_iou_on_a_known_density(dataset):
     from training.data.dataset import MultiViewDataset
     from training.evaluate import calibrate_mesh_threshold, reconstruction_iou
 
-    models = load_models(vae_checkpoint)
-    cfg = models.config
-    val = MultiViewDataset(dataset, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip")
-    calibration = calibrate_mesh_threshold(models.vae, val)
-    geometry = reconstruction_iou(models.vae, val, calibration["threshold"])
-    shapes = {r.meta["ln3diff_synth"]["shape"] for r in val.records}
-    assert set(geometry["per_shape"]) == shapes
-    assert all(0.0 <= v <= 1.0 for v in geometry["per_shape"].values())
-    assert abs(geometry["mean"] - calibration["iou"]) < 1e-6
+    val = MultiViewDataset(dataset, "val", 2, 1, 64, "skip")
+    calibration = calibrate_mesh_threshold(SignedDistanceVAE(val), val)
+    assert calibration["threshold"] == 20.0 and calibration["iou"] == pytest.approx(1.0)
+    assert all(v < 1.0 for t, v in calibration["iou_by_threshold"].items() if t != "20.0")
+    exact = reconstruction_iou(SignedDistanceVAE(val), val, 20.0)
+    assert exact["mean"] == pytest.approx(1.0) and set(exact["per_shape"].values()) == {1.0}
+    # Off the best threshold both measure the same IoU over the same objects.
+    loose = reconstruction_iou(SignedDistanceVAE(val), val, 30.0)
+    assert loose["mean"] < 1.0
+    assert loose["mean"] == pytest.approx(calibration["iou_by_threshold"]["30.0"], abs=1e-4)
 
 
 def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path, monkeypatch):
@@ -219,6 +244,17 @@ def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path,
     assert adherence["prompts"] == 4 and adherence["seeds_per_prompt"] == 2 and len(adherence["rows"]) == 8
     assert len({r["seed"] for r in adherence["rows"]}) == 8  # every object its own seed
     assert sorted(r["prompt"] for r in adherence["rows"][:4]) == sorted(r["prompt"] for r in adherence["rows"][4:])
-    assert 0.0 <= adherence["shape_accuracy"] <= 1.0
-    assert set(adherence["shape_accuracy_per_shape"]) == {"sphere", "cube"}
-    assert result["vae_val_psnr"] > 0 and 0.0 <= result["vae_val_iou"]["mean"] <= 1.0
+    # The summary figures are the rows' figures, over every seed of every prompt.
+    rows = adherence["rows"]
+    assert adherence["shape_accuracy"] == pytest.approx(sum(r["predicted_shape"] == r["shape"] for r in rows) / 8)
+    assert adherence["colour_accuracy"] == pytest.approx(sum(r["predicted_colour"] == r["colour"] for r in rows) / 8)
+    per_shape = {s: sum(r["predicted_shape"] == s for r in rows if r["shape"] == s) / 4 for s in ("sphere", "cube")}
+    assert adherence["shape_accuracy_per_shape"] == pytest.approx(per_shape)
+    # The VAE figures cover every held-out object, at the checkpoint's mesh threshold.
+    from training.data.dataset import MultiViewDataset
+
+    models = load_models(model)
+    cfg = models.config
+    val = MultiViewDataset(dataset, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=0)
+    assert result["vae_val_psnr"] == pytest.approx(vae_training.evaluate_psnr(models.vae, val, len(val), "cpu"))
+    assert result["vae_val_iou"] == evaluate.reconstruction_iou(models.vae, val, cfg.renderer.mesh_threshold)

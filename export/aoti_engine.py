@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from export.components import ComponentSpec
-
-SUFFIX = ".pt2"
+from export.manifest import BuildContext, ComponentEntry
 
 
 def export_aoti(spec: ComponentSpec, path: Path) -> str:
@@ -36,3 +35,11 @@ def load_aoti(path: Path, device: str) -> Callable[..., tuple[torch.Tensor, ...]
         return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
     return run
+
+
+def build(spec: ComponentSpec, engine_dir: Path, entry: ComponentEntry, ctx: BuildContext) -> None:
+    entry.exporter = export_aoti(spec, engine_dir / entry.file)
+
+
+def load(path: Path, entry: ComponentEntry, device: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    return load_aoti(path, device)

@@ -24,33 +24,28 @@ from datetime import UTC, datetime  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from export.aoti_engine import export_aoti  # noqa: E402
 from export.components import CHECK_SIZES, ComponentSpec, component_specs, run_module  # noqa: E402
-from export.manifest import COMPONENTS, PRECISIONS, ComponentEntry, Manifest, versions, write_manifest  # noqa: E402
-from export.onnx_engine import export_onnx  # noqa: E402
-from export.runtime import load_engine  # noqa: E402
-from export.tensorrt_engine import (  # noqa: E402
-    BackendUnavailable,
-    build_trt_engine,
-    default_cache_dir,
-    engine_cache_key,
-    gpu_name,
-    optimisation_profile,
-    require_tensorrt,
-    trt_version,
+from export.manifest import (  # noqa: E402
+    COMPONENTS,
+    PRECISIONS,
+    BuildContext,
+    ComponentEntry,
+    Manifest,
+    versions,
+    write_manifest,
 )
+from export.runtime import load_engine  # noqa: E402
+from export.tensorrt_engine import BackendUnavailable, default_cache_dir, require_tensorrt  # noqa: E402
+from ln3diff_rt.backends import ENGINE_BACKENDS, get_backend  # noqa: E402
 from ln3diff_rt.checkpoint import file_sha256, load_models  # noqa: E402
 from ln3diff_rt.text import TextEncoder  # noqa: E402
-
-BACKENDS = ("aoti", "onnx", "tensorrt")
-SUFFIXES = {"aoti": ".pt2", "onnx": ".onnx", "tensorrt": ".plan"}
 
 
 def check_request(backend: str, precision: str, device: str, batch_sizes: list[int],
                   components: tuple[str, ...]) -> None:
     """Every refusal that needs no work: BackendUnavailable where the machine cannot, ValueError for bad input."""
-    if backend not in BACKENDS:
-        raise ValueError(f"--backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend not in ENGINE_BACKENDS:
+        raise ValueError(f"--backend {backend!r}: expected one of {', '.join(ENGINE_BACKENDS)}")
     if backend == "tensorrt":
         require_tensorrt(device)
     if precision not in PRECISIONS:
@@ -94,12 +89,12 @@ def build_engine(ckpt: str | Path, out: str | Path, backend: str, precision: str
     # AOTInductor on a CPU compiles the gather form of the field far better than grid_sample (export/field.py).
     projected = backend == "aoti" and torch.device(device).type == "cpu"
     specs = component_specs(models, text, tuple(c for c in COMPONENTS if c in components), dtype, device, projected)
-    trt = {"ckpt_sha": ckpt_sha, "cache_dir": Path(cache_dir) if cache_dir else default_cache_dir()}
+    ctx = BuildContext(precision, batch_sizes, ckpt_sha, Path(cache_dir) if cache_dir else default_cache_dir())
     built = {}
     with tqdm(specs, desc=f"build {backend}", unit="component", disable=not progress, file=sys.stderr) as bar:
         for spec in bar:
             bar.set_postfix_str(spec.name)
-            built[spec.name] = _build_component(spec, out, backend, precision, batch_sizes, device, trt)
+            built[spec.name] = _build_component(spec, out, backend, device, ctx)
     entries = [built.get(name) or ComponentEntry(name, "eager", "fp32", None) for name in COMPONENTS]
     manifest = Manifest(backend=backend, precision=precision, device=device,
                         checkpoint={"file": ckpt.name, "sha256": ckpt_sha}, versions=versions(),
@@ -109,34 +104,20 @@ def build_engine(ckpt: str | Path, out: str | Path, backend: str, precision: str
     return manifest
 
 
-def _build_component(spec: ComponentSpec, out: Path, backend: str, precision: str, batch_sizes: list[int],
-                     device: str, trt: dict) -> ComponentEntry:
+def _build_component(spec: ComponentSpec, out: Path, backend: str, device: str, ctx: BuildContext) -> ComponentEntry:
     trace_inputs = spec.inputs()
     entry = ComponentEntry(
-        spec.name, backend, precision, f"{spec.name}{SUFFIXES[backend]}",
+        spec.name, backend, ctx.precision, f"{spec.name}{get_backend(backend).engine_suffix}",
         inputs=spec.tensor_specs(spec.input_names, trace_inputs),
         outputs=spec.tensor_specs(spec.output_names, run_module(spec, trace_inputs)),
         dynamic_axes={k: {str(a): d for a, d in v.items()} for k, v in spec.dynamic_axes.items()},
         extra=spec.extra)
     start = time.perf_counter()
-    if backend == "aoti":
-        entry.exporter = export_aoti(spec, out / entry.file)
-    else:
-        onnx_file = f"{spec.name}.onnx"
-        entry.exporter = export_onnx(spec, out / onnx_file)
-        if (out / f"{onnx_file}.data").is_file():
-            entry.data_file = f"{onnx_file}.data"
-        if backend == "tensorrt":  # UNVERIFIED here: no GPU and no TensorRT on the development machines
-            entry.profile = optimisation_profile(spec.name, entry.inputs, batch_sizes)
-            key = engine_cache_key(spec.name, trt["ckpt_sha"], file_sha256(out / onnx_file), gpu_name(),
-                                   trt_version(), precision, entry.profile)
-            hit = build_trt_engine(out / onnx_file, out / entry.file, entry.profile, precision, trt["cache_dir"], key)
-            entry.exporter += "+tensorrt" + (" (cached)" if hit else "")
-            entry.extra = {**entry.extra, "cache_key": key, "onnx": onnx_file}
+    get_backend(backend).resolve("build")(spec, out, entry, ctx)
     entry.seconds = time.perf_counter() - start
     entry.bytes = (out / entry.file).stat().st_size
     entry.sha256 = file_sha256(out / entry.file)
-    entry.max_abs_error = check_against_eager(spec, load_engine(out, entry, device), batch_sizes)
+    entry.max_abs_error = check_against_eager(spec, load_engine(out, entry, device), ctx.batch_sizes)
     return entry
 
 
@@ -194,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ckpt", required=True, help="checkpoint (.safetensors) holding both 'vae' and 'dit'")
     parser.add_argument("--out", required=True, help="engine directory to write (created if missing)")
-    parser.add_argument("--backend", required=True, choices=BACKENDS,
-                        help="aoti: AOTInductor .pt2; onnx: ONNX Runtime; tensorrt: TensorRT plans (GPU only)")
+    parser.add_argument("--backend", required=True, choices=ENGINE_BACKENDS,
+                        help="; ".join(f"{b}: {get_backend(b).help}" for b in ENGINE_BACKENDS))
     parser.add_argument("--precision", default="fp32", choices=tuple(PRECISIONS),
                         help="weights and activations (default fp32; onnx: fp32, or fp16 on cuda)")
     parser.add_argument("--batch-sizes", default=[1, 4], type=_batch_sizes, metavar="B1,B2",

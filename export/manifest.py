@@ -48,6 +48,16 @@ class ComponentEntry:
     extra: dict[str, object] = field(default_factory=dict)  # text encoder: tokenizer name, max_length
 
 
+@dataclass(frozen=True)
+class BuildContext:
+    """What an engine builder needs beyond the component: the request's settings and the source checkpoint."""
+
+    precision: str
+    batch_sizes: list[int]
+    ckpt_sha256: str
+    cache_dir: Path  # tensorrt's engine cache
+
+
 @dataclass
 class Manifest:
     backend: str

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 from export.components import ComponentSpec
+from export.manifest import BuildContext, ComponentEntry
 
-SUFFIX = ".onnx"
 OPSET = 18
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.int64: np.int64, torch.int32: np.int32}
 log = logging.getLogger(__name__)
@@ -110,3 +110,13 @@ class OrtRunner:
             binding.bind_output(name, "cuda", index)
         self.session.run_with_iobinding(binding)
         return tuple(torch.from_numpy(o).to(self.device) for o in binding.copy_outputs_to_cpu())
+
+
+def build(spec: ComponentSpec, engine_dir: Path, entry: ComponentEntry, ctx: BuildContext) -> None:
+    entry.exporter = export_onnx(spec, engine_dir / entry.file)
+    if (engine_dir / f"{entry.file}.data").is_file():
+        entry.data_file = f"{entry.file}.data"
+
+
+def load(path: Path, entry: ComponentEntry, device: str) -> OrtRunner:
+    return OrtRunner(path, device)

@@ -1,10 +1,10 @@
 """Engine directory -> `Components` with the same call signatures as the eager ones (torch tensors in and out).
 
-`Generator.from_checkpoint(..., backend="aoti" | "onnx" | "tensorrt", engine_dir=...)` calls
-`load_engine_components`. The manifest is checked first: an engine built from another checkpoint,
-with another manifest format, ln3diff_rt, torch (AOTInductor) or TensorRT version, or for another
-device type, is refused with a message naming the file and both values. Components the manifest
-lists as `eager` keep their PyTorch module.
+`Generator.from_checkpoint(..., backend="aoti" | "onnx" | "tensorrt", engine_dir=...)` reaches
+`load_engine_components` through the backend registry (`ln3diff_rt.backends`). The manifest is
+checked first: an engine built from another checkpoint, with another manifest format, ln3diff_rt,
+torch (AOTInductor) or TensorRT version, or for another device type, is refused with a message
+naming the file and both values. Components the manifest lists as `eager` keep their PyTorch module.
 """
 
 from __future__ import annotations
@@ -14,10 +14,9 @@ from pathlib import Path
 
 import torch
 
-from export.aoti_engine import load_aoti
 from export.manifest import ComponentEntry, check_manifest, read_manifest
-from export.onnx_engine import OrtRunner
-from export.tensorrt_engine import TensorRTRunner, require_tensorrt, run_within
+from export.tensorrt_engine import require_tensorrt
+from ln3diff_rt.backends import ENGINE_BACKENDS, get_backend
 from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.conventions import FIELD_CHUNK
 from ln3diff_rt.pipeline import Components
@@ -31,15 +30,9 @@ def load_engine(engine_dir: str | Path, entry: ComponentEntry, device: str) -> E
     path = Path(engine_dir) / entry.file
     if not path.is_file():
         raise ValueError(f"{path}: listed for {entry.component!r} in manifest.json but missing")
-    if entry.backend == "aoti":
-        run = load_aoti(path, device)
-    elif entry.backend == "onnx":
-        run = OrtRunner(path, device)
-    elif entry.backend == "tensorrt":
-        run = _within_profile(TensorRTRunner(path, device, [i.name for i in entry.inputs],
-                                             [o.name for o in entry.outputs]), entry)
-    else:
+    if entry.backend not in ENGINE_BACKENDS:
         raise ValueError(f"{path}: unknown backend {entry.backend!r} for {entry.component!r}")
+    run = get_backend(entry.backend).resolve("load")(path, entry, device)
     dtypes = [getattr(torch, spec.dtype) for spec in entry.inputs]
 
     def call(*inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -48,20 +41,6 @@ def load_engine(engine_dir: str | Path, entry: ComponentEntry, device: str) -> E
         return tuple(o.float() for o in run(*moved))
 
     return call
-
-
-def _within_profile(run: Engine, entry: ComponentEntry) -> Engine:
-    """Split / pad calls so that the dynamic dim stays inside the engine's optimisation profile."""
-    def axis_of(name: str) -> int | None:
-        axes = entry.dynamic_axes.get(name, {})
-        return int(next(iter(axes))) if axes else None
-
-    in_axes = [axis_of(i.name) for i in entry.inputs]
-    out_axes = [axis_of(o.name) for o in entry.outputs]
-    first = next(i for i, a in zip(entry.inputs, in_axes, strict=True) if a is not None)
-    axis = in_axes[entry.inputs.index(first)]
-    lo, hi = entry.profile[first.name]["min"][axis], entry.profile[first.name]["max"][axis]
-    return lambda *inputs: run_within(run, inputs, in_axes, out_axes, lo, hi)
 
 
 class EngineTextEncoder:
@@ -77,9 +56,11 @@ class EngineTextEncoder:
         return Condition(context, pooled)
 
 
-def load_engine_components(engine_dir: str | Path, backend: str, ckpt_path: str | Path, eager: Components,
+def load_engine_components(engine_dir: str | Path | None, backend: str, ckpt_path: str | Path, eager: Components,
                            device: str) -> Components:
     """Components for `backend` from `engine_dir`, after checking its manifest against `ckpt_path`."""
+    if engine_dir is None:
+        raise ValueError(f"backend={backend!r} needs an engine directory (python export/build_engine.py)")
     manifest = read_manifest(engine_dir)
     check_manifest(manifest, engine_dir, backend, ckpt_path, file_sha256(ckpt_path), device)
     if backend == "tensorrt":

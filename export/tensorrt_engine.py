@@ -25,10 +25,12 @@ from pathlib import Path
 
 import torch
 
-from export.manifest import TensorSpec
+from export.components import ComponentSpec
+from export.manifest import BuildContext, ComponentEntry, TensorSpec
+from export.onnx_engine import export_onnx
+from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.conventions import FIELD_CHUNK, MAX_FIELD_POINTS
 
-SUFFIX = ".plan"
 # min, opt, max points per field call: most calls are mesh chunks, the largest a chunk of preview rays.
 FIELD_POINTS = (1, FIELD_CHUNK, MAX_FIELD_POINTS)
 WORKSPACE_BYTES = 4 << 30
@@ -91,7 +93,7 @@ def default_cache_dir() -> Path:
 def build_trt_engine(onnx_path: Path, plan_path: Path, profile: dict, precision: str, cache_dir: Path,
                      key: str) -> bool:
     """Write the plan for `onnx_path` to `plan_path`, from the cache or freshly built; -> True on a cache hit."""
-    cached = cache_dir / f"{key}{SUFFIX}"
+    cached = cache_dir / f"{key}.plan"
     hit = cached.is_file()
     if not hit:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -192,3 +194,38 @@ def run_within(fn: Callable[..., tuple[torch.Tensor, ...]], inputs: tuple[torch.
         out = fn(*chunk)
         parts.append([o.narrow(a, 0, stop - start) for o, a in zip(out, out_axes, strict=True)])
     return tuple(torch.cat([p[i] for p in parts], dim=out_axes[i]) for i in range(len(out_axes)))
+
+
+def build(spec: ComponentSpec, engine_dir: Path, entry: ComponentEntry, ctx: BuildContext) -> None:
+    """ONNX graph first (kept beside the plan), then the plan from the cache or freshly built.
+
+    UNVERIFIED here: no GPU and no TensorRT on the development machines.
+    """
+    onnx_file = f"{spec.name}.onnx"
+    entry.exporter = export_onnx(spec, engine_dir / onnx_file)
+    if (engine_dir / f"{onnx_file}.data").is_file():
+        entry.data_file = f"{onnx_file}.data"
+    entry.profile = optimisation_profile(spec.name, entry.inputs, ctx.batch_sizes)
+    key = engine_cache_key(spec.name, ctx.ckpt_sha256, file_sha256(engine_dir / onnx_file), gpu_name(), trt_version(),
+                           ctx.precision, entry.profile)
+    hit = build_trt_engine(engine_dir / onnx_file, engine_dir / entry.file, entry.profile, ctx.precision,
+                           ctx.cache_dir, key)
+    entry.exporter += "+tensorrt" + (" (cached)" if hit else "")
+    entry.extra = {**entry.extra, "cache_key": key, "onnx": onnx_file}
+
+
+def load(path: Path, entry: ComponentEntry, device: str) -> Callable[..., tuple[torch.Tensor, ...]]:
+    """The plan as a callable that splits or pads calls to stay inside its optimisation profile."""
+    run = TensorRTRunner(path, device, [i.name for i in entry.inputs], [o.name for o in entry.outputs])
+
+    def axis_of(name: str) -> int | None:
+        axes = entry.dynamic_axes.get(name, {})
+        return int(next(iter(axes))) if axes else None
+
+    in_axes = [axis_of(i.name) for i in entry.inputs]
+    out_axes = [axis_of(o.name) for o in entry.outputs]
+    first = next(i for i, a in zip(entry.inputs, in_axes, strict=True) if a is not None)
+    axis = in_axes[entry.inputs.index(first)]
+    lo, hi = entry.profile[first.name]["min"][axis], entry.profile[first.name]["max"][axis]
+    return lambda *inputs: run_within(run, inputs, in_axes, out_axes, lo, hi)
+

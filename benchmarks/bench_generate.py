@@ -20,19 +20,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scipy.spatial import cKDTree  # noqa: E402
 
+from ln3diff_rt.conventions import FIELD_CHUNK  # noqa: E402
 from ln3diff_rt.meshing import extract_mesh  # noqa: E402
-from ln3diff_rt.pipeline import GenerationOptions, Generator  # noqa: E402
+from ln3diff_rt.options import GenerationOptions  # noqa: E402
+from ln3diff_rt.pipeline import Generator  # noqa: E402
 from ln3diff_rt.profile import Workload, format_table, profile  # noqa: E402
+from ln3diff_rt.runner import Request, run  # noqa: E402
 
 
 def compare_extraction(gen: Generator, planes, resolution: int) -> dict:
-    density, _ = gen._field_fns(planes)
+    query = gen.field_fn(planes)
+    density = lambda points: query(points)[0]  # noqa: E731
     threshold = gen.config.renderer.mesh_threshold
     runs = {}
     for name, coarse in (("coarse_to_fine", None), ("dense", resolution)):
         start = time.perf_counter()
         mesh = extract_mesh(density, resolution=resolution, threshold=threshold, coarse_resolution=coarse,
-                            chunk=2**14)
+                            chunk=FIELD_CHUNK)
         runs[name] = (time.perf_counter() - start, mesh)
     (t_c2f, c2f), (t_dense, dense) = runs["coarse_to_fine"], runs["dense"]
     cell = 2.0 / (resolution - 1)
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = Generator.from_checkpoint(args.ckpt)
     stages = profile(gen, Workload(1, GenerationOptions()), repeats=args.repeats, warmup=1)
     print(format_table(stages), end="\n\n")
-    planes = gen.decode(gen.sample_latents([args.prompt], [args.seed], GenerationOptions()))[0]
+    only_planes = GenerationOptions(preview_views=0)
+    planes = next(run(gen, [Request(args.prompt, args.seed, only_planes, mesh=False)])).triplane
     rows = [compare_extraction(gen, planes, r) for r in (128, 256)]
     print(f"{'grid':>6} {'dense s':>9} {'c2f s':>8} {'speed-up':>9} {'evals dense':>12} {'evals c2f':>10} "
           f"{'verts dense':>11} {'verts c2f':>10} {'Hausdorff':>10}")

@@ -7,8 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ln3diff_rt.mesh_export import export_mesh
-from ln3diff_rt.pipeline import GenerationResult
+from ln3diff_rt.runner import GenerationResult
 
 
 def slug(prompt: str, seed: int) -> str:
@@ -17,15 +16,15 @@ def slug(prompt: str, seed: int) -> str:
     return f"{stem}_s{seed}"
 
 
-def write_result(result: GenerationResult, out_dir: str | Path, mesh_format: str = "glb") -> list[Path]:
-    """Write what the result holds; returns the written paths (the mesh is skipped when empty)."""
+def write_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
+    """Write what the result holds (its exported meshes and previews); returns the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stem = slug(result.prompt, result.seed)
     written = []
-    if result.mesh is not None and not result.mesh.empty:
-        path = out / f"{stem}.{mesh_format}"
-        export_mesh(result.mesh, path, format=mesh_format)
+    for fmt, data in result.exports.items():
+        path = out / f"{stem}.{fmt}"
+        path.write_bytes(data)
         written.append(path)
     frames = [Image.fromarray(f) for f in result.previews]
     for i, frame in enumerate(frames):

@@ -20,26 +20,22 @@ import json
 import resource
 import statistics
 import sys
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ln3diff_rt.backends import BACKENDS
 from ln3diff_rt.checkpoint import Models
 from ln3diff_rt.config import get_preset
-from ln3diff_rt.mesh_export import mesh_bytes
-from ln3diff_rt.pipeline import BACKENDS, Components, GenerationOptions, Generator
+from ln3diff_rt.options import GenerationOptions, InvalidOption, add_option_flags, flag_name, options_from_args
+from ln3diff_rt.pipeline import Components, Generator
+from ln3diff_rt.runner import BATCH_STAGES, Request, run
 from ln3diff_rt.sampling import Condition
 from ln3diff_rt.timing import StageClock
 
-
-def timed_field(field: Callable, clock: StageClock, stage: str) -> Callable:
-    def wrapped(planes, points):
-        with clock.time(stage):
-            return field(planes, points)
-
-    return wrapped
+# The README's profile: 2 turntable frames of 96 px (8 of 128 px would dominate a CPU request).
+PROFILE_DEFAULTS = GenerationOptions(preview_views=2, preview_size=96)
 
 
 def random_weight_generator(preset: str, device: str, seed: int = 0) -> Generator:
@@ -76,43 +72,40 @@ class Workload:
 
 
 def profile_request(gen: Generator, work: Workload, clock: StageClock, seed: int) -> float:
-    """One request with every stage timed into `clock`; returns the end-to-end seconds."""
-    gen._text_cache.clear()  # time the text encoder, not the cache
-    prompts = [f"a red cube {i}" for i in range(work.batch_size)]
-    seeds = [seed + i for i in range(work.batch_size)]
-    components = gen.components
+    """One request through `runner.run`, every stage timed into `clock`; returns the end-to-end seconds.
+
+    Sampling is split into its denoiser steps (from the runner's per-step progress events; step 1
+    is the sampling total minus the later steps), meshing into its field queries and the rest
+    (marching cubes, decimation, colours). Per-object stages add up over the batch.
+    """
+    requests = [Request(f"a red cube {i}", seed + i, work.options, ("glb",) if work.mesh else (), work.mesh)
+                for i in range(work.batch_size)]
+    step_ends = []
+
+    def on_progress(stage: str, done: int, total: int, index: int | None) -> None:
+        if stage == "sample":
+            step_ends.append(clock.now())
+
     start = clock.now()
-    with clock.time("text_encode"):
-        gen.encode_text(prompts + [""])
-    marks = [clock.now()]
-
-    def on_step(stage: str, done: int, total: int) -> None:
-        marks.append(clock.now())
-        clock.add(f"denoise_step_{done:02d}", clock.elapsed(marks[-2], marks[-1]))
-
-    latents = gen.sample_latents(prompts, seeds, work.options, progress=on_step)
-    with clock.time("vae_decode"):
-        planes = gen.decode(latents)
-    original_field = components.field
-    try:
-        for i in range(work.batch_size):
-            if work.mesh:
-                components.field = timed_field(original_field, clock, "field_queries")
-                with clock.time("mesh_total"):
-                    mesh = gen.extract_mesh(planes[i], work.options)
-                components.field = original_field
-                if not mesh.empty:
-                    with clock.time("export_glb"):
-                        mesh_bytes(mesh, "glb")
-            if work.options.preview_views:
-                with clock.time("preview_render"):
-                    gen.render_previews(planes[i], work.options)
-    finally:
-        components.field = original_field
+    results = list(run(gen, requests, progress=on_progress))
     total = clock.elapsed(start, clock.now())
-    if "mesh_total" in clock.times:
-        clock.times["mesh_extract"] = clock.times.pop("mesh_total") - clock.times.get("field_queries", 0.0)
+    later = [clock.elapsed(a, b) for a, b in zip(step_ends, step_ends[1:], strict=False)]
+    for i, seconds in enumerate([results[0].timings["sample"] - sum(later), *later], start=1):
+        clock.add(f"denoise_step_{i:02d}", seconds)
+    for result in results:
+        for stage, seconds in result.timings.items():
+            if stage not in BATCH_STAGES:
+                clock.add(stage, seconds)
+            elif stage != "sample" and result is results[0]:
+                clock.add(stage, seconds)
+    if "mesh" in clock.times:
+        clock.times["mesh_extract"] = clock.times.pop("mesh") - clock.times.get("field_queries", 0.0)
     return total
+
+
+def profile_generator(gen: Generator) -> Generator:
+    """The same model and compute without the prompt cache: the profile times the text encoder every time."""
+    return Generator(gen.models, gen.device, gen.components, gen.backend, text_cache_size=0)
 
 
 def peak_memory_mb(device: str) -> float:
@@ -123,6 +116,7 @@ def peak_memory_mb(device: str) -> float:
 
 def profile(gen: Generator, work: Workload, repeats: int, warmup: int) -> dict:
     """Warm up, then time `repeats` requests; median and p90 per stage."""
+    gen = profile_generator(gen)
     for i in range(warmup):
         profile_request(gen, work, StageClock(gen.device), seed=10_000 + i)
     if str(gen.device).startswith("cuda"):
@@ -145,7 +139,7 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "p90": p90}
 
 
-_ORDER = ["text_encode", "denoise_step", "vae_decode", "field_queries", "mesh_extract", "export_glb", "preview_render"]
+_ORDER = ["encode_text", "denoise_step", "decode", "field_queries", "mesh_extract", "export", "preview"]
 
 
 def _stage_order(stage: str):
@@ -181,14 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     source = p.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, help="checkpoint to profile (default: the shipped model)")
     source.add_argument("--preset", choices=["tiny", "base", "paper"], help="random weights at this preset's size")
-    p.add_argument("--backend", default="eager", choices=BACKENDS, help="backend to profile (default: eager)")
+    p.add_argument("--backend", default="eager", choices=list(BACKENDS), help="backend to profile (default: eager)")
     p.add_argument("--engine", default=None, help="engine directory for aoti/onnx/tensorrt")
     p.add_argument("--compare", default=None, help="comma-separated backends run on the same workload, with ratios")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
-    p.add_argument("--steps", type=int, default=8, help="denoiser steps (default: 8)")
-    p.add_argument("--mesh-resolution", type=int, default=128, help="marching-cubes grid (default: 128)")
-    p.add_argument("--preview-views", type=int, default=2, help="turntable frames per object (default: 2)")
+    add_option_flags(p, PROFILE_DEFAULTS)
     p.add_argument("--no-mesh", action="store_true", help="skip mesh extraction and export")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
@@ -201,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         for b in backends:
             if b not in BACKENDS:
                 raise ValueError(f"--compare: unknown backend {b!r}; expected some of {', '.join(BACKENDS)}")
-        options = GenerationOptions(steps=args.steps, mesh_resolution=args.mesh_resolution,
-                                    preview_views=args.preview_views, preview_size=96)
-        options.validate()
+        options = options_from_args(args, PROFILE_DEFAULTS)
         results = []
         for backend in backends:
             gen = build_generator(args, backend)
@@ -215,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.trace and backend == backends[0]:
                 write_trace(gen, Workload(batches[0], options, mesh=not args.no_mesh), args.trace)
                 print(f"wrote trace {args.trace}")
+    except InvalidOption as e:
+        print(f"ln3diff_rt.profile: error: {flag_name(e.field)}={e.value!r}: expected {e.expected}", file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError) as e:
         print(f"ln3diff_rt.profile: error: {e}", file=sys.stderr)
         return 2

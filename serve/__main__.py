@@ -14,7 +14,8 @@ import signal
 import sys
 from pathlib import Path
 
-from ln3diff_rt.pipeline import BACKENDS, Generator
+from ln3diff_rt.backends import BACKENDS, backends_help
+from ln3diff_rt.pipeline import Generator
 from serve.observability import configure_json_logging
 from serve.server import Server, ServerConfig
 
@@ -24,7 +25,7 @@ log = logging.getLogger("serve")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m serve", description="ln3diff.v1 gRPC server (text to 3D mesh).")
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the shipped tiny model)")
-    p.add_argument("--backend", choices=BACKENDS, default="eager")
+    p.add_argument("--backend", choices=list(BACKENDS), default="eager", help=backends_help())
     p.add_argument("--engine", type=Path, default=None, help="engine directory for aoti/onnx/tensorrt backends")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 or [::] for all interfaces")

@@ -1,6 +1,7 @@
 """Client for ln3diff.v1, and its CLI: `python -m serve.client generate "a red cube" --out a.glb`.
 
-Needs only grpcio and protobuf (no torch), so it also runs inside Blender's Python. The streamed
+Needs only grpcio and protobuf (no torch; `ln3diff_rt.options` is torch-free), so it also runs inside
+Blender's Python. Its generation flags are the server's options, with the same names and bounds. The streamed
 mesh is reassembled from its chunks and checked against the size and sha256 in the final Result.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ln3diff_rt.options import SEED, add_option_flags, option_specs
 from serve.ln3diff.v1 import generator_pb2 as pb
 from serve.ln3diff.v1 import generator_pb2_grpc as pb_grpc
 
@@ -36,15 +38,15 @@ class Generation:
     previews: list[bytes] = field(default_factory=list)  # PNG files
 
 
-def build_request(prompt: str, *, seed: int = 0, steps: int = 0, guidance: float | None = None,
-                  shift: float | None = None, sampler: str = "", formats: Iterable[str] = ("glb",),
-                  mesh_resolution: int = 0, faces: int | None = None, preview_views: int | None = None,
-                  preview_size: int = 0, skip_mesh: bool = False) -> pb.GenerateRequest:
-    """A GenerateRequest; 0 / None leave a field to the server default (see GetModelInfo().defaults)."""
-    request = pb.GenerateRequest(prompt=prompt, seed=seed, steps=steps, sampler=sampler,
-                                 formats=[] if skip_mesh else list(formats), mesh_resolution=mesh_resolution,
-                                 preview_size=preview_size, skip_mesh=skip_mesh)
-    for name, value in (("guidance", guidance), ("shift", shift), ("faces", faces), ("preview_views", preview_views)):
+def build_request(prompt: str, *, seed: int | None = None, formats: Iterable[str] = ("glb",),
+                  skip_mesh: bool = False, **options) -> pb.GenerateRequest:
+    """A GenerateRequest; `options` are GenerationOptions fields (steps, guidance, mesh_resolution, ...),
+    and a None one (or an absent seed) is left to the server (see GetModelInfo().defaults)."""
+    unknown = sorted(set(options) - set(option_specs()))
+    if unknown:
+        raise TypeError(f"unknown options {unknown}; expected some of {', '.join(option_specs())}")
+    request = pb.GenerateRequest(prompt=prompt, formats=[] if skip_mesh else list(formats), skip_mesh=skip_mesh)
+    for name, value in (("seed", seed), *options.items()):
         if value is not None:
             setattr(request, name, value)
     return request
@@ -151,16 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="text to a mesh file")
     g.add_argument("prompt")
     g.add_argument("--out", type=Path, required=True, help="mesh file; the suffix (.glb, .obj, .ply) picks the format")
-    g.add_argument("--seed", type=int, default=0, help="0: the server picks one (printed)")
-    g.add_argument("--steps", type=int, default=0)
-    g.add_argument("--guidance", type=float, default=None)
-    g.add_argument("--shift", type=float, default=None)
-    g.add_argument("--sampler", default="", choices=["", "euler", "heun"])
-    g.add_argument("--resolution", type=int, default=0, help="marching-cubes resolution")
-    g.add_argument("--faces", type=int, default=None, help="face budget")
-    g.add_argument("--previews", type=Path, default=None, help="write the turntable PNGs into this directory")
-    g.add_argument("--preview-views", type=int, default=None)
-    g.add_argument("--preview-size", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help=f"{SEED.help} (default: the server draws one, printed)")
+    add_option_flags(g, server_defaults=True)
+    g.add_argument("--previews", type=Path, default=None,
+                   help="write the turntable PNGs into this directory (otherwise none are rendered)")
     sub.add_parser("info", help="model, backend and limits of the server")
     sub.add_parser("health", help="the server's health status")
     return p
@@ -175,11 +171,11 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
     fmt = args.out.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
         raise ValueError(f"--out {args.out}: the suffix picks the format, expected one of .glb, .obj, .ply")
+    options = {name: getattr(args, name) for name in option_specs()}
+    if args.previews is None:
+        options["preview_views"] = 0
     gen = client.generate(args.prompt, timeout=args.timeout, on_progress=_show_progress, seed=args.seed,
-                          steps=args.steps, guidance=args.guidance, shift=args.shift, sampler=args.sampler,
-                          formats=[fmt], mesh_resolution=args.resolution, faces=args.faces,
-                          preview_views=0 if args.previews is None else args.preview_views,
-                          preview_size=args.preview_size)
+                          formats=[fmt], **options)
     print(file=sys.stderr)
     r = gen.result
     if r.mesh_empty:

@@ -1,11 +1,12 @@
 """Micro-batching scheduler: one worker thread runs the model; the event loop only queues and streams.
 
 Requests with the same sampling settings (steps, guidance, shift, sampler) that wait together are
-sampled in one `sample_latents` call and decoded once; meshing, export and previews then run per
-request. The worker waits at most `max_wait_s` after the oldest waiting request for partners, so a
-lone request pays that much latency and a burst fills the batch. Cancellation (client cancel,
-deadline, shutdown) is checked after every sampling step and between stages; a batch whose
-requests are all gone stops at once and the worker takes the next one.
+run as one `ln3diff_rt.runner.run`: sampled and decoded once, then meshed, exported and previewed
+request by request, each result sent as soon as it is ready. The worker waits at most `max_wait_s`
+after the oldest waiting request for partners, so a lone request pays that much latency and a
+burst fills the batch. Cancellation (client cancel, deadline, shutdown) is checked by the runner
+between stages, after every sampling step, per field-query chunk and per preview frame; a
+request that is gone is dropped, and a batch whose requests are all gone stops at once.
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-import torch
 from PIL import Image
 
-from ln3diff_rt.mesh_export import mesh_bytes, to_trimesh
+from ln3diff_rt.mesh_export import to_trimesh
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.runner import BATCH_STAGES, Cancelled, GenerationResult, Request, run
 from serve.observability import Metrics
-from serve.validation import RequestSpec
 
 log = logging.getLogger("serve.scheduler")
-
-
-class Cancelled(Exception):
-    """Every request of the batch was cancelled or ran past its deadline: stop working on it."""
 
 
 class QueueFull(Exception):
@@ -59,7 +55,7 @@ class Output:
 class Job:
     """One admitted request. Events go to the event loop that owns `events`, thread-safely."""
 
-    spec: RequestSpec
+    spec: Request
     request_id: str
     loop: asyncio.AbstractEventLoop
     deadline: float | None = None  # time.monotonic() at which the client stops waiting
@@ -70,8 +66,7 @@ class Job:
     @property
     def key(self) -> tuple:
         """Requests with equal keys can share one sampler call."""
-        o = self.spec.options
-        return (o.steps, o.guidance, o.shift, o.sampler)
+        return self.spec.sampling_key
 
     def cancel(self) -> None:
         self._cancelled.set()
@@ -102,8 +97,6 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ln3diff-worker", daemon=True)
-        self.batches_run = 0
-        self._cuda = str(generator.device).startswith("cuda")
 
     def start(self) -> None:
         self._thread.start()
@@ -165,90 +158,42 @@ class Scheduler:
             self.metrics.queue_depth.set(len(self._queue))
             return batch
 
-    def _stage(self, timings: dict[str, float], name: str, start: float) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
-        timings[name] = time.perf_counter() - start
-        self.metrics.stage_seconds.labels(name).observe(timings[name])
-
     def _run_batch(self, batch: list[Job]) -> None:
+        """One `runner.run` for the batch; each job gets its progress events, then its Output."""
         started = time.monotonic()
-        gen, options = self.generator, batch[0].spec.options
         self.metrics.batch_size.observe(len(batch))
-        self.batches_run += 1
 
-        def progress(stage: str, step: int, total: int) -> None:
-            alive = [j for j in batch if not j.gone]
-            if not alive:
-                raise Cancelled
-            for job in alive:
-                job.post("progress", (stage, step, total))
+        def progress(stage: str, step: int, total: int, index: int | None) -> None:
+            for job in batch if index is None else [batch[index]]:
+                if not job.gone:
+                    job.post("progress", (stage, step, total))
 
-        shared: dict[str, float] = {}
-        prompts, seeds = [j.spec.prompt for j in batch], [j.spec.seed for j in batch]
+        first = True
         try:
-            progress("encode_text", 0, 1)
-            t = time.perf_counter()
-            gen.encode_text(prompts)
-            self._stage(shared, "encode_text", t)
-            t = time.perf_counter()
-            latents = gen.sample_latents(prompts, seeds, options, progress)  # [B, 3, c, h, w]
-            self._stage(shared, "sample", t)
-            progress("decode", 0, 1)
-            t = time.perf_counter()
-            planes = gen.decode(latents)  # [B, 3, C, R, R]
-            self._stage(shared, "decode", t)
+            for result in run(self.generator, [j.spec for j in batch], progress=progress,
+                              alive=lambda i: not batch[i].gone):
+                job = batch[result.index]
+                for stage, seconds in result.timings.items():  # the batch's stages once, not once per request
+                    if first or stage not in BATCH_STAGES:
+                        self.metrics.stage_seconds.labels(stage).observe(seconds)
+                first = False
+                job.post("result", _output(result, {"queue": started - job.enqueued_at, **result.timings},
+                                           len(batch)))
         except Cancelled:
             log.info("batch cancelled", extra={"fields": {"requests": [j.request_id for j in batch]}})
-            return
-        for i, job in enumerate(batch):
-            if job.gone:
-                continue
-            timings = {"queue": started - job.enqueued_at, **shared}
-            try:
-                job.post("result", self._finish(job, planes[i], timings, len(batch)))
-            except Cancelled:
-                continue
-            except Exception:
-                log.exception("request failed", extra={"fields": {"request_id": job.request_id}})
-                job.post("error", "internal error while meshing or rendering; see the server log")
 
-    def _finish(self, job: Job, planes: torch.Tensor, timings: dict[str, float], batch_size: int) -> Output:
-        """Mesh, export and previews for one request of the batch; planes [3, C, R, R]."""
-        spec, gen = job.spec, self.generator
 
-        def stage(name: str, step: int, total: int = 1) -> None:
-            if job.gone:
-                raise Cancelled
-            job.post("progress", (name, step, total))
-
-        meshes, mesh_empty, counts, bounds = [], False, (0, 0), None
-        if spec.mesh:
-            stage("mesh", 0)
-            t = time.perf_counter()
-            mesh = gen.extract_mesh(planes, spec.options)
-            self._stage(timings, "mesh", t)
-            stage("mesh", 1)
-            mesh_empty = mesh.empty
-            if not mesh_empty:
-                stage("export", 0)
-                t = time.perf_counter()
-                lo, hi = to_trimesh(mesh).bounds
-                bounds = ([float(v) for v in lo], [float(v) for v in hi])
-                counts = (len(mesh.vertices), len(mesh.faces))
-                for fmt in spec.formats:
-                    data = mesh_bytes(mesh, fmt)
-                    meshes.append((fmt, data, hashlib.sha256(data).hexdigest()))
-                self._stage(timings, "export", t)
-                stage("export", 1)
-        previews = []
-        if spec.options.preview_views:
-            stage("preview", 0)
-            t = time.perf_counter()
-            previews = [_png(frame) for frame in gen.render_previews(planes, spec.options)]
-            self._stage(timings, "preview", t)
-            stage("preview", 1)
-        return Output(meshes, previews, mesh_empty, *counts, bounds, batch_size, timings)
+def _output(result: GenerationResult, timings: dict[str, float], batch_size: int) -> Output:
+    """What the RPC streams: mesh files with their sha256, PNG previews, counts and the exported bounds."""
+    mesh = result.mesh
+    empty = mesh is None or mesh.empty
+    bounds = None
+    if not empty:
+        lo, hi = to_trimesh(mesh).bounds
+        bounds = ([float(v) for v in lo], [float(v) for v in hi])
+    meshes = [(fmt, data, hashlib.sha256(data).hexdigest()) for fmt, data in result.exports.items()]
+    return Output(meshes, [_png(frame) for frame in result.previews], mesh is not None and mesh.empty,
+                  0 if empty else len(mesh.vertices), 0 if empty else len(mesh.faces), bounds, batch_size, timings)
 
 
 def _png(frame) -> bytes:

@@ -9,6 +9,7 @@ again from the start of a graceful shutdown.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import threading
@@ -24,12 +25,14 @@ from grpc_reflection.v1alpha import reflection
 
 from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
-from ln3diff_rt.pipeline import GenerationOptions, Generator
+from ln3diff_rt.options import GenerationOptions, InvalidOption, option_specs
+from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.runner import Request, run
 from serve.ln3diff.v1 import generator_pb2 as pb
 from serve.ln3diff.v1 import generator_pb2_grpc as pb_grpc
 from serve.observability import Metrics
 from serve.scheduler import Job, Output, QueueFull, Scheduler, ShuttingDown
-from serve.validation import DEFAULT_FORMATS, SAMPLERS, InvalidField, Limits, check_request
+from serve.validation import DEFAULT_FORMATS, Limits, check_request
 
 log = logging.getLogger("serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "ln3diff.v1.Generator"
@@ -112,7 +115,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 await context.abort(code, "the model is loading; retry when health says SERVING")
             try:
                 spec = check_request(request, self.config.limits)
-            except InvalidField as e:
+            except InvalidOption as e:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 await context.abort(code, str(e))
             remaining = context.time_remaining()
@@ -199,29 +202,26 @@ def stream_messages(out: Output, result: pb.Result):
 
 
 def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
-    d, lim, cfg = GenerationOptions(), config.limits, generator.config
+    """The model, and every option's effective bounds (the option's own, tightened by Limits) and default."""
+    cfg, lim, defaults = generator.config, config.limits, GenerationOptions()
+    limits = pb.Limits(max_prompt_chars=lim.max_prompt_chars, max_queue=config.max_queue, max_batch=config.max_batch)
+    for name, (lo, hi) in lim.effective_bounds().items():
+        for prefix, value in (("min_", lo), ("max_", hi)):
+            if prefix + name in pb.Limits.DESCRIPTOR.fields_by_name:
+                setattr(limits, prefix + name, value)
     return pb.ModelInfo(
         preset=cfg.preset, checkpoint=generator.models.path.name, checkpoint_sha256=file_sha256(generator.models.path),
         backend=generator.backend, device=str(generator.device), latent_shape=list(cfg.latent_shape),
         triplane_shape=list(cfg.triplane_shape), text_encoder=cfg.text_encoder, formats=list(MESH_FORMATS),
-        samplers=list(SAMPLERS),
-        limits=pb.Limits(max_prompt_chars=lim.max_prompt_chars, max_steps=lim.max_steps, max_guidance=lim.max_guidance,
-                         max_shift=lim.max_shift, min_mesh_resolution=lim.min_mesh_resolution,
-                         max_mesh_resolution=lim.max_mesh_resolution, min_faces=lim.min_faces,
-                         max_faces=lim.max_faces, max_preview_views=lim.max_preview_views,
-                         min_preview_size=lim.min_preview_size, max_preview_size=lim.max_preview_size,
-                         max_queue=config.max_queue, max_batch=config.max_batch),
-        defaults=pb.Defaults(steps=d.steps, guidance=d.guidance, shift=d.shift, sampler=d.sampler,
-                             mesh_resolution=d.mesh_resolution, faces=d.faces or 0, preview_views=d.preview_views,
-                             preview_size=d.preview_size, formats=list(DEFAULT_FORMATS)))
+        samplers=list(option_specs()["sampler"].choices), limits=limits,
+        defaults=pb.Defaults(formats=list(DEFAULT_FORMATS), **dataclasses.asdict(defaults)))
 
 
 def warm_up(generator: Generator) -> None:
     """One tiny request through every stage, so the first client does not pay for lazy initialisation."""
-    options = GenerationOptions(steps=1, mesh_resolution=16, faces=None, preview_views=1, preview_size=16)
-    planes = generator.decode(generator.sample_latents(["warm-up"], [1], options))
-    generator.extract_mesh(planes[0], options)
-    generator.render_previews(planes[0], options)
+    options = GenerationOptions(steps=1, mesh_resolution=16, faces=0, preview_views=1, preview_size=16)
+    for _ in run(generator, [Request("warm-up", 1, options, ("glb",))]):
+        pass
 
 
 class Server:

@@ -41,7 +41,9 @@ from ln3diff_rt.config import get_preset
 from ln3diff_rt.conventions import FIELD_CHUNK
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.models.vae import TriplaneVAE
-from ln3diff_rt.pipeline import Components, GenerationOptions
+from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.pipeline import Components
+from ln3diff_rt.runner import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,7 +57,7 @@ TOLERANCES = {
     "latents": 1e-4,  # after 2 CFG Euler steps (1e-6)
 }
 # Small but complete generation: CFG (the denoiser runs at 2B), a mesh, one preview through the field.
-GEN_OPTIONS = GenerationOptions(steps=2, guidance=3.0, mesh_resolution=32, faces=None, preview_views=1,
+GEN_OPTIONS = GenerationOptions(steps=2, guidance=3.0, mesh_resolution=32, faces=0, preview_views=1,
                                 preview_size=16)
 PROMPTS = ["a red cube", "a wooden chair", "a blue teapot", "a tall lamp"]
 
@@ -125,8 +127,8 @@ def check_components_match_eager(eager, engine, config, batch: int) -> None:
 def check_generate_matches_eager(eager_gen, engine_gen, batch: int) -> None:
     """Full requests: latents within tolerance, identical mesh vertex counts, previews of the same size."""
     prompts, seeds = PROMPTS[:batch], list(range(batch))
-    ref = eager_gen.generate(prompts, seeds, GEN_OPTIONS)
-    got = engine_gen.generate(prompts, seeds, GEN_OPTIONS)
+    ref = generate(eager_gen, prompts, seeds, GEN_OPTIONS)
+    got = generate(engine_gen, prompts, seeds, GEN_OPTIONS)
     for a, b in zip(ref, got, strict=True):
         assert max_error(a.latent, b.latent) < TOLERANCES["latents"]
         assert len(a.mesh.vertices) > 0  # the threshold of the test checkpoint crosses the field

@@ -2,16 +2,17 @@
 
 import json
 
-from ln3diff_rt.pipeline import GenerationOptions, Generator
+from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.profile import Workload, format_table, main, profile, random_weight_generator
 
 
 def test_profile_shipped_model_has_every_stage_and_adds_up():
     gen = Generator.from_checkpoint()
-    options = GenerationOptions(steps=4, mesh_resolution=48, preview_views=1, preview_size=32, faces=None)
+    options = GenerationOptions(steps=4, mesh_resolution=48, preview_views=1, preview_size=32, faces=0)
     result = profile(gen, Workload(1, options), repeats=2, warmup=1)
     stages = set(result["stages"])
-    expected = {"text_encode", "vae_decode", "field_queries", "mesh_extract", "export_glb", "preview_render"}
+    expected = {"encode_text", "decode", "field_queries", "mesh_extract", "export", "preview"}
     assert expected <= stages
     assert {f"denoise_step_{i:02d}" for i in range(1, 5)} <= stages
     for s in result["stages"].values():
@@ -25,7 +26,7 @@ def test_profile_shipped_model_has_every_stage_and_adds_up():
 def test_profile_cli_random_preset_writes_json(tmp_path):
     out = tmp_path / "profile.json"
     assert main(["--preset", "tiny", "--repeats", "1", "--warmup", "0", "--steps", "2", "--no-mesh",
-                 "--preview-views", "0", "--batch-sizes", "1,2", "--json", str(out)]) == 0
+                 "--views", "0", "--batch-sizes", "1,2", "--json", str(out)]) == 0
     results = json.loads(out.read_text())
     assert [r["batch_size"] for r in results] == [1, 2]
     assert all("denoise_step_02" in r["stages"] for r in results)

@@ -29,8 +29,10 @@ import torch
 from kernels.occupancy import cell_centres
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.checkpoint import load_models, save_checkpoint
-from ln3diff_rt.pipeline import GenerationOptions, Generator
+from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.rendering import render_chunked
+from ln3diff_rt.runner import Request, run
 from training.data.dataset import MultiViewDataset, load_object
 from training.data.synth import COLOURS, SHAPES, ObjectSpec, sdf
 from training.vae import evaluate_psnr, reconstruct_planes
@@ -94,9 +96,9 @@ def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int 
     shapes_ref = primitive_occupancies("medium")
     prompts = [(c, s) for s in SHAPES for c in COLOURS] * seeds_per_prompt
     texts = [f"a medium {c} {s}" for c, s in prompts]
-    options = GenerationOptions(steps=steps, guidance=guidance)
-    latents = generator.sample_latents(texts, [seed + i for i in range(len(texts))], options)
-    planes = generator.decode(latents)
+    options = GenerationOptions(steps=steps, guidance=guidance, preview_views=0)
+    requests = [Request(text, seed + i, options, mesh=False) for i, text in enumerate(texts)]
+    planes = torch.stack([result.triplane for result in run(generator, requests)])
     points = grid_points()
     rows = []
     for i, (colour, shape) in enumerate(prompts):

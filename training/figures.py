@@ -20,9 +20,12 @@ import torch
 from PIL import Image, ImageDraw
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
+from ln3diff_rt.conventions import PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
 from ln3diff_rt.meshing import MeshResult
-from ln3diff_rt.pipeline import PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS, GenerationOptions, Generator
+from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.rendering import render_chunked
+from ln3diff_rt.runner import generate
 from training.data.dataset import MultiViewDataset
 from training.vae import reconstruct_planes
 
@@ -99,7 +102,7 @@ def samples(generator: Generator, prompts: list[str], seed: int, views: int = 4
             ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
     """Turntable previews (rows of `views` frames) and one mesh drawing per prompt."""
     options = GenerationOptions(preview_views=views, preview_size=CELL)
-    results = generator.generate(prompts, [seed + i for i in range(len(prompts))], options)
+    results = generate(generator, prompts, [seed + i for i in range(len(prompts))], options)
     c2w = orbit_camera(-60.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
     return [r.previews for r in results], [draw_mesh(r.mesh, c2w) for r in results]
 

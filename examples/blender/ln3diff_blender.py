@@ -35,8 +35,9 @@ STAGE_END = {"queued": 0.02, "encode_text": 0.05, "sample": 0.75, "decode": 0.8,
 class GenerationJob:
     """One Generate call on a background thread, so Blender's UI stays responsive: poll `done`, `fraction`."""
 
-    def __init__(self, server: str, prompt: str, out_dir: str | Path, token: str = "", seed: int = 0,
-                 steps: int = 0, mesh_resolution: int = 0, timeout: float = 600.0, repo_path: str = ""):
+    def __init__(self, server: str, prompt: str, out_dir: str | Path, token: str = "", seed: int | None = None,
+                 steps: int | None = None, mesh_resolution: int | None = None, timeout: float = 600.0,
+                 repo_path: str = ""):
         self.server, self.prompt, self.out_dir, self.token = server, prompt, Path(out_dir), token
         self.seed, self.steps, self.mesh_resolution, self.timeout = seed, steps, mesh_resolution, timeout
         self.repo_path = repo_path
@@ -127,7 +128,8 @@ def _make_classes() -> list:
         bl_idname = "ln3diff.generate"
         bl_label = "Generate 3D from text"
         prompt: StringProperty(name="Prompt", default="a red cube")
-        seed: IntProperty(name="Seed (0: random)", default=0, min=0)
+        # Blender properties cannot be unset: -1 / 0 stand for "the server's choice" (a seed of 0 is a seed).
+        seed: IntProperty(name="Seed (-1: random)", default=-1, min=-1)
         steps: IntProperty(name="Steps (0: server default)", default=0, min=0, max=1000)
 
         def invoke(self, context, event):
@@ -136,7 +138,8 @@ def _make_classes() -> list:
         def execute(self, context):
             prefs = context.preferences.addons[__name__].preferences
             self.job = GenerationJob(prefs.server, self.prompt, tempfile.mkdtemp(prefix="ln3diff_"), prefs.token,
-                                     self.seed, self.steps, repo_path=bpy.path.abspath(prefs.repo_path)).start()
+                                     None if self.seed < 0 else self.seed, self.steps or None,
+                                     repo_path=bpy.path.abspath(prefs.repo_path)).start()
             self.timer = context.window_manager.event_timer_add(0.2, window=context.window)
             context.window_manager.modal_handler_add(self)
             return {"RUNNING_MODAL"}

@@ -1,0 +1,175 @@
+"""One request path: conditions -> sampling -> decode -> mesh -> export -> previews, for every caller.
+
+`run` is the only place the stages of a request are sequenced; the CLI, the server's scheduler,
+the profiler, warm-up and the figures all call it. The batch stages (text, sampling, decode) run
+once for all objects; the per-object stages run object by object and yield each result as soon as
+it is ready, so a server streams the first while the next is meshed. Every stage is timed by one
+clock (`timing.StageClock`). `alive(i)` says whether object i is still wanted (client cancel,
+deadline, shutdown): it is checked between stages, after every sampling step, before every
+field-query chunk and before every preview frame; an object nobody wants is dropped, and when no
+object is wanted the run raises `Cancelled`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ln3diff_rt.mesh_export import FORMATS, mesh_bytes
+from ln3diff_rt.meshing import MeshResult
+from ln3diff_rt.options import GenerationOptions, InvalidOption
+from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.timing import StageClock
+
+# (stage, done, total, object index or None for the whole batch): once per sampling step, at the start
+# (done 0) of every other stage and at the end (done = total) of every per-object stage.
+ProgressFn = Callable[[str, int, int, "int | None"], None]
+
+
+BATCH_STAGES = ("encode_text", "sample", "decode")  # run once for the whole batch; the others once per object
+
+
+class Cancelled(Exception):
+    """No object of the run is wanted any more: the run stopped."""
+
+
+class _ObjectGone(Exception):
+    """This object is no longer wanted: skip the rest of its stages."""
+
+
+@dataclass(frozen=True)
+class Request:
+    """One object to make. Requests sampled as one batch share the sampling settings (`sampling_key`)."""
+
+    prompt: str
+    seed: int
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+    formats: tuple[str, ...] = ()  # mesh files to encode into the result: "glb", "obj", "ply"
+    mesh: bool = True  # False: previews only
+
+    @property
+    def sampling_key(self) -> tuple:
+        o = self.options
+        return (o.steps, o.guidance, o.shift, o.sampler)
+
+    def check(self, index: int = 0) -> None:
+        """Raise ValueError (InvalidOption for a setting) naming the first bad field."""
+        self.options.validate()
+        if not self.prompt.strip():
+            raise ValueError(f"prompts[{index}] is empty: describe the object, e.g. 'a red cube'")
+        for fmt in self.formats:
+            if fmt not in FORMATS:
+                raise InvalidOption("formats", fmt, f"each one of {', '.join(FORMATS)}")
+
+
+@dataclass
+class GenerationResult:
+    request: Request
+    index: int  # position in the batch
+    latent: torch.Tensor  # [3, c, h, w], in VAE units (scale undone)
+    triplane: torch.Tensor  # [3, C, R, R]
+    mesh: MeshResult | None
+    exports: dict[str, bytes]  # format -> file bytes (none when the mesh is empty or no format was asked)
+    previews: list[np.ndarray]  # [H, W, 3] uint8 turntable frames
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; batch stages shared
+
+    @property
+    def prompt(self) -> str:
+        return self.request.prompt
+
+    @property
+    def seed(self) -> int:
+        return self.request.seed
+
+
+def run(gen: Generator, requests: list[Request], *, progress: ProgressFn | None = None,
+        alive: Callable[[int], bool] | None = None) -> Iterator[GenerationResult]:
+    """Generate one object per request, sampled as one batch; yields each object's result when it is done."""
+    if not requests:
+        return
+    for i, r in enumerate(requests):
+        r.check(i)
+        if r.sampling_key != requests[0].sampling_key:
+            raise ValueError(f"requests[{i}]: sampling settings {r.sampling_key} differ from the batch's "
+                             f"{requests[0].sampling_key}; sample them in separate runs")
+    emit = progress or (lambda *event: None)
+    wanted = alive or (lambda i: True)
+    count, options = len(requests), requests[0].options
+    prompts = [r.prompt for r in requests]
+
+    def batch_alive() -> None:
+        if not any(wanted(i) for i in range(count)):
+            raise Cancelled
+
+    def on_step(step: int, steps: int) -> None:
+        batch_alive()
+        emit("sample", step, steps, None)
+
+    clock = StageClock(gen.device)
+    batch_alive()
+    emit("encode_text", 0, 1, None)
+    with clock.time("encode_text"):
+        cond = gen.encode_text(prompts)
+        uncond = gen.encode_text([""] * count) if options.guidance != 1.0 else None
+    with clock.time("sample"):
+        latents = gen.sample_latents(cond, uncond, [r.seed for r in requests], options, on_step)  # [B, 3, c, h, w]
+    batch_alive()
+    emit("decode", 0, 1, None)
+    with clock.time("decode"):
+        planes = gen.decode(latents)  # [B, 3, C, R, R]
+    for i, request in enumerate(requests):
+        if not wanted(i):
+            continue
+        try:
+            yield _finish_object(gen, i, request, latents[i], planes[i], StageClock(gen.device, clock.times), emit,
+                                 wanted)
+        except _ObjectGone:
+            continue
+
+
+def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tensor, planes: torch.Tensor,
+                   clock: StageClock, emit: ProgressFn, wanted: Callable[[int], bool]) -> GenerationResult:
+    """Mesh, export and previews of object i (planes [3, C, R, R]); `clock` starts from the batch stages."""
+
+    def still_wanted(*_) -> None:
+        if not wanted(i):
+            raise _ObjectGone
+
+    def field_queries(planes: torch.Tensor, points: torch.Tensor):
+        still_wanted()
+        with clock.time("field_queries"):
+            return gen.components.field(planes, points)
+
+    options = request.options
+    mesh_result, exports, previews = None, {}, []
+    if request.mesh:
+        still_wanted()
+        emit("mesh", 0, 1, i)
+        with clock.time("mesh"):
+            mesh_result = gen.extract_mesh(planes, options, field=field_queries)
+        emit("mesh", 1, 1, i)
+        if request.formats and not mesh_result.empty:
+            still_wanted()
+            emit("export", 0, 1, i)
+            with clock.time("export"):
+                exports = {fmt: mesh_bytes(mesh_result, fmt) for fmt in request.formats}
+            emit("export", 1, 1, i)
+    if options.preview_views:
+        still_wanted()
+        emit("preview", 0, 1, i)
+        with clock.time("preview"):
+            previews = gen.render_previews(planes, options, on_view=still_wanted)
+        emit("preview", 1, 1, i)
+    return GenerationResult(request, i, latent.cpu(), planes.cpu(), mesh_result, exports, previews, clock.times)
+
+
+def generate(gen: Generator, prompts: list[str], seeds: list[int], options: GenerationOptions | None = None,
+             formats: tuple[str, ...] = ()) -> list[GenerationResult]:
+    """One object per (prompt, seed) with the same options, sampled as one batch, as a list."""
+    if len(prompts) != len(seeds):
+        raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+    options = options or GenerationOptions()
+    return list(run(gen, [Request(p, int(s), options, formats) for p, s in zip(prompts, seeds, strict=True)]))

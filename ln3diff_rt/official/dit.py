@@ -16,12 +16,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
 
+from ln3diff_rt.official.config import OfficialDiTConfig
 from ln3diff_rt.official.layers import (
     CrossAttention,
     FeedForward,
@@ -48,39 +47,6 @@ UNUSED_DIT_KEYS = (
     re.compile(r"clip_spatial_proj\.y_proj\.fc[12]\.(weight|bias)"),
     re.compile(r"blocks\.\d+\.attention_y_norm\.weight"),
 )
-
-
-@dataclass(frozen=True)
-class OfficialDiTConfig:
-    """Sizes of an official denoiser; the defaults are the published DiT-L/2 (24 blocks, width 1024, 16 heads)."""
-
-    kind: Literal["t23d", "i23d"]
-    depth: int = 24
-    width: int = 1024
-    heads: int = 16
-    context_dim: int = 768  # cross-attention tokens: CLIP text (t23d, 768) or CLIP image (i23d, 1024)
-    dino_dim: int = 0  # i23d: DINOv2 tokens appended inside self-attention (1024); t23d: 0
-    pooled_dim: int = 0  # i23d: pooled CLIP image vector added to the time embedding (768); t23d ignores it
-    latent_channels: int = 4
-    latent_size: int = 32
-    patch_size: int = 2
-    mlp_ratio: int = 4
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("t23d", "i23d"):
-            raise ValueError(f"official DiT kind {self.kind!r}: expected 't23d' or 'i23d'")
-        if self.width % self.heads or self.width % 4:
-            raise ValueError(f"width {self.width} must be divisible by heads {self.heads} and by 4")
-        if self.kind == "i23d" and not (self.dino_dim and self.pooled_dim):
-            raise ValueError("an i23d DiT needs dino_dim and pooled_dim")
-
-    @classmethod
-    def t23d(cls) -> OfficialDiTConfig:
-        return cls("t23d")
-
-    @classmethod
-    def i23d(cls) -> OfficialDiTConfig:
-        return cls("i23d", context_dim=1024, dino_dim=1024, pooled_dim=768)
 
 
 def infer_dit_config(shapes: Mapping[str, Sequence[int]], heads: int | None = None) -> OfficialDiTConfig:

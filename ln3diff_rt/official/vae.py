@@ -21,13 +21,13 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kernels import attention
+from ln3diff_rt.official.config import OfficialVAEConfig
 from ln3diff_rt.official.field import OfficialTriplaneField, triplane_from_official
 from ln3diff_rt.official.layout import project_to_official_latent
 
@@ -37,36 +37,6 @@ DECODER_PREFIX = "rec_model.decoder."
 # placeholder buffer, and `superresolution.quant_conv` maps the encoder's posterior moments (encoder side).
 UNUSED_DECODER_KEYS = ("w_avg", "superresolution.quant_conv.weight", "superresolution.quant_conv.bias")
 FULL_SIZE_WIDTH, FULL_SIZE_HEADS = 1024, 16  # DiT2-L/2: the head count is not visible in any shape
-
-
-@dataclass(frozen=True)
-class OfficialVAEConfig:
-    """Sizes of the official decoder path; the defaults are the published one (DiT2-L/2, tri-plane 3 x 32 x 128^2)."""
-
-    width: int = 1024  # DiT2 hidden size = token width = conv_sr z_channels
-    depth: int = 24
-    heads: int = 16
-    mlp_hidden: int = 4096
-    latent_channels: int = 4  # per plane: the latent is [B, 3, 4, 32, 32]
-    latent_size: int = 32
-    patch_size: int = 2  # ldm_upsample kernel = stride (vae_p)
-    sr_channels: int = 32  # conv_sr `ch`
-    sr_ch_mult: tuple[int, ...] = (1, 2, 2, 4)  # one x2 upsampling per level but the first
-    sr_res_blocks: int = 1  # conv_sr `num_res_blocks`; each up level has one more
-    triplane_channels: int = 32  # per plane (conv_sr `out_ch`)
-    field_hidden: int = 64
-
-    def __post_init__(self):
-        if self.width % self.heads:
-            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
-
-    @property
-    def tokens_per_side(self) -> int:
-        return self.latent_size // self.patch_size
-
-    @property
-    def triplane_resolution(self) -> int:
-        return self.tokens_per_side * 2 ** (len(self.sr_ch_mult) - 1)
 
 
 def infer_vae_config(shapes: Mapping[str, Sequence[int]], heads: int | None = None) -> OfficialVAEConfig:

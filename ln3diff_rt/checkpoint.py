@@ -99,8 +99,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu"
     return config, states, meta
 
 
-def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, component: str) -> None:
-    """Strict load with a message naming the file, the component and the first mismatches."""
+def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: str | Path, component: str,
+               assign: bool = False) -> None:
+    """Strict load with a message naming the file, the component and the first mismatches.
+
+    `assign=True` adopts the tensors themselves: a module built on the meta device is then materialised
+    without a second copy of its weights in memory (gpt-fast's way)."""
     own = module.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -112,7 +116,10 @@ def load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: st
             f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}" if unexpected else "",
             f"shape mismatch {shapes[:3]}" if shapes else ""]))
         raise CheckpointError(f"{path}: component {component!r} does not match its config: {details}")
-    module.load_state_dict(state)
+    module.load_state_dict(state, assign=assign)
+    left = [name for name, t in (*module.named_parameters(), *module.named_buffers()) if t.is_meta]
+    if left:
+        raise CheckpointError(f"{path}: component {component!r}: {left[:3]} were not loaded (still on meta)")
 
 
 @dataclass
@@ -126,8 +133,7 @@ class Models:
 
 def load_models(path: str | Path, device: str | torch.device = "cpu", require: tuple[str, ...] = ()) -> Models:
     """Rebuild the VAE and DiT stored in `path` (those present); `require` names components that must be there."""
-    from ln3diff_rt.models.dit import DiT
-    from ln3diff_rt.models.vae import TriplaneVAE
+    from ln3diff_rt.models.build import build_dit, build_vae
 
     path = Path(path)
     config, states, meta = load_checkpoint(path, device="cpu")
@@ -135,9 +141,9 @@ def load_models(path: str | Path, device: str | torch.device = "cpu", require: t
         if name not in states:
             raise CheckpointError(f"{path}: has no {name!r} component (holds {sorted(states)})")
     built = {}
-    for name, cls in (("vae", TriplaneVAE), ("dit", DiT)):
+    for name, build in (("vae", build_vae), ("dit", build_dit)):
         if name in states:
-            module = cls(config)
+            module = build(config)
             load_state(module, states[name], path, name)
             built[name] = module.to(device).eval()
     return Models(config, built.get("vae"), built.get("dit"), path, meta)

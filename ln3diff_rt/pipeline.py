@@ -22,7 +22,10 @@ from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.checkpoint import Models, load_models
 from ln3diff_rt.conventions import FIELD_CHUNK, PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
 from ln3diff_rt.meshing import MeshResult, extract_mesh
-from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
+from ln3diff_rt.official.ddpm import sample_ddpm
+from ln3diff_rt.official.flow import sample_flow
+from ln3diff_rt.options import GenerationOptions, InvalidOption
 from ln3diff_rt.rendering import occupancy_grid, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
@@ -31,6 +34,14 @@ DEFAULT_CHECKPOINT = Path(__file__).parent / "assets" / "ln3diff-tiny.safetensor
 TEXT_CACHE_SIZE = 1024  # prompts whose conditions are kept; a server sees the same prompts again and again
 
 StepFn = Callable[[int, int], None]  # (step, steps) after each sampling step; may raise to stop
+
+# How each objective (ModelConfig.objective) is sampled, and the solvers it knows. Each is called as
+# fn(denoiser, noise, cond, uncond, steps=, guidance=, method=, shift=, callback=) -> diffusion-space latent.
+SAMPLING: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
+    "flow": (sample, ("euler", "heun")),
+    "eps": (lambda *a, shift, **k: sample_ddpm(*a, **k), DDPM_SAMPLERS),  # the DDPM schedule has no shift
+    "flow-data": (sample_flow, ("euler", "heun")),
+}
 FieldFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # planes, points -> density, rgb
 
 
@@ -44,8 +55,10 @@ class Components:
     field: FieldFn
 
 
-def eager_components(models: Models, device: str) -> Components:
-    text = TextEncoder(models.config.text_encoder, models.config.dit.context_len).to(device)
+def eager_components(models: Models, device: str, text_encoder: str | None = None) -> Components:
+    """The checkpoint's own modules; `text_encoder` (a local directory or a cached Hugging Face id) replaces
+    the one its config names."""
+    text = TextEncoder(text_encoder or models.config.text_encoder, models.config.dit.context_len).to(device)
     return Components(text, models.dit, models.vae.decode, models.vae.field)
 
 
@@ -90,16 +103,32 @@ class Generator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu", backend: str = "eager",
-                        engine_dir: str | Path | None = None, text_cache_size: int = TEXT_CACHE_SIZE) -> Generator:
+                        engine_dir: str | Path | None = None, text_cache_size: int = TEXT_CACHE_SIZE,
+                        text_encoder: str | None = None) -> Generator:
         """Load a checkpoint (default: the shipped tiny model) and build the chosen backend."""
         chosen = get_backend(backend)
         path = Path(path) if path else DEFAULT_CHECKPOINT
         models = load_models(path, device, require=("vae", "dit"))
-        components = eager_components(models, device)
+        components = eager_components(models, device, text_encoder)
         if chosen.components is not None:
             components = chosen.resolve("components")(eager=components, backend=backend, device=device,
                                                       engine_dir=engine_dir, ckpt_path=path)
         return cls(models, device, components, backend, text_cache_size)
+
+    @property
+    def samplers(self) -> tuple[str, ...]:
+        """The solvers this model's objective knows (a request's `sampler` must be one)."""
+        return SAMPLING[self.config.objective][1]
+
+    def default_options(self) -> GenerationOptions:
+        """GenerationOptions with this model's own defaults (its config's `request_defaults`) filled in."""
+        return GenerationOptions().replace(**self.config.request_defaults)
+
+    def check_options(self, options: GenerationOptions) -> None:
+        """InvalidOption unless `options` suit this model (beyond their own bounds)."""
+        if options.sampler not in self.samplers:
+            raise InvalidOption("sampler", options.sampler, f"one of {', '.join(self.samplers)} for this model "
+                                f"({self.config.preset}, objective {self.config.objective})")
 
     # -- the stages of a request ----------------------------------------------------------------
 
@@ -116,6 +145,12 @@ class Generator:
         return Condition(torch.cat([c.context for c in conds]).to(self.device),
                          torch.cat([c.pooled for c in conds]).to(self.device))
 
+    def unconditional(self, cond: Condition) -> Condition:
+        """The guidance's unconditional input for a batch: the empty prompt's encoding, or zeros (official models)."""
+        if self.config.uncond == "zeros":
+            return Condition(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
+        return self.encode_text([""] * cond.context.shape[0])
+
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One noise tensor per seed, drawn on the CPU: a seed gives the same object in any batch, on any device."""
         noise = [torch.randn(self.config.latent_shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds]
@@ -124,9 +159,11 @@ class Generator:
     @torch.no_grad()
     def sample_latents(self, cond: Condition, uncond: Condition | None, seeds: list[int],
                        options: GenerationOptions, on_step: StepFn | None = None) -> torch.Tensor:
-        """Flow-matching sampling with CFG -> latents [B, 3, c, h, w] in VAE units."""
-        z = sample(self.components.denoiser, self.initial_noise(seeds), cond, uncond, steps=options.steps,
-                   guidance=options.guidance, shift=options.shift, method=options.sampler, callback=on_step)
+        """Sampling with CFG, as the model's objective wants it -> latents [B, 3, c, h, w] in VAE units."""
+        self.check_options(options)
+        sampler = SAMPLING[self.config.objective][0]
+        z = sampler(self.components.denoiser, self.initial_noise(seeds), cond, uncond, steps=options.steps,
+                    guidance=options.guidance, method=options.sampler, shift=options.shift, callback=on_step)
         return z * self.config.latent_scale
 
     @torch.no_grad()

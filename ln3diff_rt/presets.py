@@ -12,16 +12,16 @@ def count_parameters(module: torch.nn.Module) -> int:
 
 
 def describe(cfg: ModelConfig) -> dict:
-    from ln3diff_rt.models.dit import DiT
-    from ln3diff_rt.models.vae import TriplaneVAE
+    from ln3diff_rt.models.build import build_dit, build_vae
 
     with torch.device("meta"):
-        vae, dit = TriplaneVAE(cfg), DiT(cfg)
+        vae, dit = build_vae(cfg), build_dit(cfg)
     tokens = 3 * (cfg.latent_size // cfg.dit.patch_size) ** 2
+    encoder = getattr(vae, "encoder", None)  # the published models are converted without their encoder
     return {
         "preset": cfg.preset,
-        "encoder": count_parameters(vae.encoder),
-        "decoder": count_parameters(vae.decoder) + count_parameters(vae.field),
+        "encoder": count_parameters(encoder) if encoder is not None else 0,
+        "decoder": count_parameters(vae) - (count_parameters(encoder) if encoder is not None else 0),
         "dit": count_parameters(dit),
         "input": f"{cfg.encoder.num_views} x {cfg.encoder.in_channels} x {cfg.encoder.image_size}^2",
         "latent": "x".join(map(str, cfg.latent_shape)),
@@ -32,11 +32,11 @@ def describe(cfg: ModelConfig) -> dict:
 
 def presets_table() -> str:
     rows = [describe(cfg) for cfg in PRESETS.values()]
-    header = f"{'preset':<7} {'encoder':>9} {'decoder':>9} {'DiT':>9} {'views':>16} {'latent':>12} " \
+    header = f"{'preset':<13} {'encoder':>9} {'decoder':>9} {'DiT':>9} {'views':>16} {'latent':>12} " \
              f"{'tri-plane':>14} {'DiT tokens':>10}"
     lines = [header]
     for r in rows:
         millions = " ".join(f"{r[k] / 1e6:>8.2f}M" for k in ("encoder", "decoder", "dit"))
         shapes = f"{r['input']:>16} {r['latent']:>12} {r['triplane']:>14} {r['dit_tokens']:>10}"
-        lines.append(f"{r['preset']:<7} {millions} {shapes}")
+        lines.append(f"{r['preset']:<13} {millions} {shapes}")
     return "\n".join(lines)

@@ -92,6 +92,7 @@ def run(gen: Generator, requests: list[Request], *, progress: ProgressFn | None 
         return
     for i, r in enumerate(requests):
         r.check(i)
+        gen.check_options(r.options)
         if r.sampling_key != requests[0].sampling_key:
             raise ValueError(f"requests[{i}]: sampling settings {r.sampling_key} differ from the batch's "
                              f"{requests[0].sampling_key}; sample them in separate runs")
@@ -113,7 +114,7 @@ def run(gen: Generator, requests: list[Request], *, progress: ProgressFn | None 
     emit("encode_text", 0, 1, None)
     with clock.time("encode_text"):
         cond = gen.encode_text(prompts)
-        uncond = gen.encode_text([""] * count) if options.guidance != 1.0 else None
+        uncond = gen.unconditional(cond) if options.guidance != 1.0 else None
     with clock.time("sample"):
         latents = gen.sample_latents(cond, uncond, [r.seed for r in requests], options, on_step)  # [B, 3, c, h, w]
     batch_alive()

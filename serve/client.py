@@ -154,7 +154,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt")
     g.add_argument("--out", type=Path, required=True, help="mesh file; the suffix (.glb, .obj, .ply) picks the format")
     g.add_argument("--seed", type=int, default=None, help=f"{SEED.help} (default: the server draws one, printed)")
-    add_option_flags(g, server_defaults=True)
+    add_option_flags(g, whose="the server's")
     g.add_argument("--previews", type=Path, default=None,
                    help="write the turntable PNGs into this directory (otherwise none are rendered)")
     sub.add_parser("info", help="model, backend and limits of the server")

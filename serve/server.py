@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
-from ln3diff_rt.options import GenerationOptions, InvalidOption, option_specs
+from ln3diff_rt.options import GenerationOptions, InvalidOption
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import Request, run
 from serve.ln3diff.v1 import generator_pb2 as pb
@@ -114,7 +114,8 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, "the model is loading; retry when health says SERVING")
             try:
-                spec = check_request(request, self.config.limits)
+                gen = self.scheduler.generator
+                spec = check_request(request, self.config.limits, gen.default_options(), gen.samplers)
             except InvalidOption as e:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 await context.abort(code, str(e))
@@ -203,7 +204,7 @@ def stream_messages(out: Output, result: pb.Result):
 
 def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
     """The model, and every option's effective bounds (the option's own, tightened by Limits) and default."""
-    cfg, lim, defaults = generator.config, config.limits, GenerationOptions()
+    cfg, lim, defaults = generator.config, config.limits, generator.default_options()
     limits = pb.Limits(max_prompt_chars=lim.max_prompt_chars, max_queue=config.max_queue, max_batch=config.max_batch)
     for name, (lo, hi) in lim.effective_bounds().items():
         for prefix, value in (("min_", lo), ("max_", hi)):
@@ -213,7 +214,7 @@ def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
         preset=cfg.preset, checkpoint=generator.models.path.name, checkpoint_sha256=file_sha256(generator.models.path),
         backend=generator.backend, device=str(generator.device), latent_shape=list(cfg.latent_shape),
         triplane_shape=list(cfg.triplane_shape), text_encoder=cfg.text_encoder, formats=list(MESH_FORMATS),
-        samplers=list(option_specs()["sampler"].choices), limits=limits,
+        samplers=list(generator.samplers), limits=limits,
         defaults=pb.Defaults(formats=list(DEFAULT_FORMATS), **dataclasses.asdict(defaults)))
 
 

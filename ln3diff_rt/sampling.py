@@ -11,19 +11,33 @@ from dataclasses import dataclass
 
 import torch
 
-# model(x, t, context, pooled) -> velocity like x
-VelocityFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# model(x, t, context, pooled[, image]) -> velocity like x
+VelocityFn = Callable[..., torch.Tensor]
 
 
 @dataclass
 class Condition:
-    """Text condition: tokens [B, L, Dc] for cross-attention and a pooled vector [B, Dc] for AdaLN."""
+    """Tokens [B, L, Dc] for cross-attention, a pooled vector [B, Dc] for AdaLN, and optionally image tokens
+    [B, M, Di] (models with image conditioning take them as a fifth denoiser argument)."""
 
     context: torch.Tensor
     pooled: torch.Tensor
+    image: torch.Tensor | None = None
+
+    def args(self) -> tuple[torch.Tensor, ...]:
+        """The denoiser's condition arguments: (context, pooled) or (context, pooled, image)."""
+        return (self.context, self.pooled) if self.image is None else (self.context, self.pooled, self.image)
 
     def expand(self, batch: int) -> Condition:
-        return Condition(self.context.expand(batch, -1, -1), self.pooled.expand(batch, -1))
+        image = None if self.image is None else self.image.expand(batch, -1, -1)
+        return Condition(self.context.expand(batch, -1, -1), self.pooled.expand(batch, -1), image)
+
+    @staticmethod
+    def cat(conds: list[Condition]) -> Condition:
+        """Conditions stacked along the batch (every one with or every one without image tokens)."""
+        images = [c.image for c in conds]
+        return Condition(torch.cat([c.context for c in conds]), torch.cat([c.pooled for c in conds]),
+                         None if images[0] is None else torch.cat(images))
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
@@ -39,9 +53,8 @@ def guided_velocity(model: VelocityFn, x: torch.Tensor, t: torch.Tensor, cond: C
     """Classifier-free guidance v_u + g (v_c - v_u), with both branches in one batched forward."""
     tt = t.expand(x.shape[0]).to(x.dtype)
     if uncond is None or guidance == 1.0:
-        return model(x, tt, cond.context, cond.pooled)
-    v = model(torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([cond.context, uncond.context]),
-              torch.cat([cond.pooled, uncond.pooled]))
+        return model(x, tt, *cond.args())
+    v = model(torch.cat([x, x]), torch.cat([tt, tt]), *Condition.cat([cond, uncond]).args())
     v_cond, v_uncond = v.chunk(2)
     return v_uncond + guidance * (v_cond - v_uncond)
 
@@ -85,5 +98,5 @@ def flow_matching_loss(model: VelocityFn, z0: torch.Tensor, cond: Condition,
     eps = torch.randn(z0.shape, device=z0.device, dtype=z0.dtype, generator=generator)
     tb = t.view(-1, *([1] * (z0.dim() - 1)))
     z_t = (1.0 - tb) * z0 + tb * eps
-    v = model(z_t, t, cond.context, cond.pooled)
+    v = model(z_t, t, *cond.args())
     return (v - (eps - z0)).square().mean()

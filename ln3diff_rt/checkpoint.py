@@ -129,11 +129,13 @@ class Models:
     dit: torch.nn.Module | None
     path: Path
     metadata: dict[str, str]
+    image_encoder: torch.nn.Module | None = None  # the project's image conditioning, when the model has it
 
 
 def load_models(path: str | Path, device: str | torch.device = "cpu", require: tuple[str, ...] = ()) -> Models:
-    """Rebuild the VAE and DiT stored in `path` (those present); `require` names components that must be there."""
-    from ln3diff_rt.models.build import build_dit, build_vae
+    """Rebuild the VAE, DiT and image encoder stored in `path` (those present); `require` names components that
+    must be there."""
+    from ln3diff_rt.models.build import build_dit, build_image_encoder, build_vae
 
     path = Path(path)
     config, states, meta = load_checkpoint(path, device="cpu")
@@ -141,12 +143,12 @@ def load_models(path: str | Path, device: str | torch.device = "cpu", require: t
         if name not in states:
             raise CheckpointError(f"{path}: has no {name!r} component (holds {sorted(states)})")
     built = {}
-    for name, build in (("vae", build_vae), ("dit", build_dit)):
+    for name, build in (("vae", build_vae), ("dit", build_dit), ("image_encoder", build_image_encoder)):
         if name in states:
             module = build(config)
             load_state(module, states[name], path, name)
             built[name] = module.to(device).eval()
-    return Models(config, built.get("vae"), built.get("dit"), path, meta)
+    return Models(config, built.get("vae"), built.get("dit"), path, meta, built.get("image_encoder"))
 
 
 def file_sha256(path: str | Path) -> str:

@@ -83,6 +83,20 @@ class DiTConfig:
 
 
 @dataclass(frozen=True)
+class ImageEncoderConfig:
+    """Small convolutional encoder of a condition image, trained from scratch with the DiT: image -> tokens."""
+
+    image_size: int = 64
+    channels: tuple[int, ...] = (32, 64, 128)
+    width: int = 128  # token width; the DiT's `image_dim`
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens per image: one per cell of the last feature map."""
+        return (self.image_size // 2 ** len(self.channels)) ** 2
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     preset: str = "tiny"
     latent_channels: int = 4
@@ -98,6 +112,9 @@ class ModelConfig:
     # The published models' own modules, where this config describes one (None: the project's modules).
     official_dit: OfficialDiTConfig | None = None
     official_vae: OfficialVAEConfig | None = None
+    # The project's image conditioning (None: text only); the published image model names its encoders instead.
+    image_encoder: ImageEncoderConfig | None = None
+    image_encoders: tuple[str, ...] = ()  # official-i23d: CLIP ViT-L/14 and DINOv2-reg ViT-L/14 (dir or HF id)
     # GenerationOptions defaults that suit this model (sampler, steps, guidance, mesh_resolution, ...);
     # a request's unset fields take these, then GenerationOptions' own defaults.
     request_defaults: dict = field(default_factory=dict)
@@ -111,6 +128,15 @@ class ModelConfig:
     @property
     def is_official(self) -> bool:
         return self.official_dit is not None
+
+    @property
+    def image_only(self) -> bool:
+        """Conditioned on an image alone (the published image model), not on a prompt."""
+        return self.objective == "flow-data"
+
+    @property
+    def takes_images(self) -> bool:
+        return self.image_only or self.image_encoder is not None
 
     @property
     def latent_size(self) -> int:
@@ -141,7 +167,8 @@ class ModelConfig:
     def from_json(cls, text: str) -> ModelConfig:
         raw = json.loads(text)
         subs = {"encoder": EncoderConfig, "decoder": DecoderConfig, "renderer": RendererConfig, "dit": DiTConfig,
-                "official_dit": OfficialDiTConfig, "official_vae": OfficialVAEConfig}
+                "official_dit": OfficialDiTConfig, "official_vae": OfficialVAEConfig,
+                "image_encoder": ImageEncoderConfig}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
         if unknown:
@@ -151,7 +178,7 @@ class ModelConfig:
             if key in subs and value is not None:
                 kwargs[key] = _build(subs[key], value)
             else:
-                kwargs[key] = value
+                kwargs[key] = tuple(value) if isinstance(value, list) else value
         return cls(**kwargs)
 
 
@@ -218,6 +245,7 @@ def official_config(kind: str, dit: OfficialDiTConfig | None = None, vae: Offici
         dit=DiTConfig(width=dit.width, depth=dit.depth, heads=dit.heads, patch_size=dit.patch_size,
                       context_dim=dit.context_dim, context_len=77 if text else 257),
         text_encoder="openai/clip-vit-large-patch14" if text else "",
+        image_encoders=() if text else ("openai/clip-vit-large-patch14", "facebook/dinov2-with-registers-large"),
         latent_scale=0.96806, objective="eps" if text else "flow-data", uncond="zeros",
         official_dit=dit, official_vae=vae,
         request_defaults={"sampler": "dpmpp_2m", "steps": 25, "guidance": 6.5, "mesh_resolution": 192} if text

@@ -21,6 +21,7 @@ from ln3diff_rt.backends import get_backend
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.checkpoint import Models, load_models
 from ln3diff_rt.conventions import FIELD_CHUNK, PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
+from ln3diff_rt.images import centre_object
 from ln3diff_rt.meshing import MeshResult, extract_mesh
 from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
@@ -50,22 +51,38 @@ class Components:
     """The per-request compute, each a plain callable so that compiled engines can stand in."""
 
     text_encoder: Callable[[list[str]], Condition]
-    denoiser: Callable[..., torch.Tensor]  # (x, t, context, pooled) -> v
+    denoiser: Callable[..., torch.Tensor]  # (x, t, context, pooled[, image tokens]) -> v
     decoder: Callable[[torch.Tensor], torch.Tensor]  # latent [B, 3, c, h, w] -> planes [B, 3, C, R, R]
     field: FieldFn
+    # Condition images [B, 3, S, S] in [0, 1] -> image tokens [B, M, Di] (the project's image conditioning),
+    # or -> a whole Condition (the published image model's CLIP + DINOv2 conditioner); None: no image input.
+    image_encoder: Callable[[torch.Tensor], torch.Tensor | Condition] | None = None
 
 
 def eager_components(models: Models, device: str, text_encoder: str | None = None) -> Components:
     """The checkpoint's own modules; `text_encoder` (a local directory or a cached Hugging Face id) replaces
     the one its config names."""
-    text = TextEncoder(text_encoder or models.config.text_encoder, models.config.dit.context_len).to(device)
-    return Components(text, models.dit, models.vae.decode, models.vae.field)
+    cfg = models.config
+    if cfg.image_only:  # the published image model: no prompt, CLIP + DINOv2 image tokens
+        from ln3diff_rt.official.image import OfficialImageConditioner
+
+        image = OfficialImageConditioner(*cfg.image_encoders).to(device)
+        return Components(_no_text(cfg.preset), models.dit, models.vae.decode, models.vae.field, image)
+    text = TextEncoder(text_encoder or cfg.text_encoder, cfg.dit.context_len).to(device)
+    return Components(text, models.dit, models.vae.decode, models.vae.field, models.image_encoder)
+
+
+def _no_text(preset: str) -> Callable[[list[str]], Condition]:
+    def refuse(prompts: list[str]) -> Condition:
+        raise ValueError(f"{preset} generates from an image only: give --image instead of a prompt")
+
+    return refuse
 
 
 def compiled_components(eager: Components, **_: object) -> Components:
     """torch.compile of the denoiser, decoder and field (the registry's other keywords are not needed)."""
     return Components(eager.text_encoder, torch.compile(eager.denoiser), torch.compile(eager.decoder),
-                      torch.compile(eager.field, dynamic=True))
+                      torch.compile(eager.field, dynamic=True), eager.image_encoder)
 
 
 class ConditionCache:
@@ -145,11 +162,46 @@ class Generator:
         return Condition(torch.cat([c.context for c in conds]).to(self.device),
                          torch.cat([c.pooled for c in conds]).to(self.device))
 
+    @property
+    def image_size(self) -> int:
+        """Side of the square condition image the image encoder takes."""
+        from ln3diff_rt.official.image import IMAGE_SIZE
+
+        return IMAGE_SIZE if self.config.image_only else self.config.image_encoder.image_size
+
+    def encode_conditions(self, prompts: list[str], images: list[np.ndarray | None]) -> Condition:
+        """The batch's conditions: prompts (cached) and RGBA images [H, W, 4] uint8, None where a request has none.
+
+        The published image model takes the image alone; the project's image-conditioned models take both,
+        with zero image tokens where a request has no image (what training's condition dropout taught them).
+        """
+        given = [i for i, image in enumerate(images) if image is not None]
+        if given and not self.config.takes_images:
+            raise ValueError(f"{self.config.preset} ({self.models.path.name}) has no image input; give a prompt")
+        if self.config.image_only:
+            if len(given) != len(images):
+                raise ValueError(f"{self.config.preset} generates from an image; every request needs one")
+            return self.components.image_encoder(self._image_batch(images))
+        cond = self.encode_text(prompts)
+        if self.components.image_encoder is None:
+            return cond
+        enc = self.config.image_encoder
+        tokens = torch.zeros(len(images), enc.tokens, enc.width, device=self.device)  # [B, M, Di]
+        if given:
+            tokens[given] = self.components.image_encoder(self._image_batch([images[i] for i in given])).float()
+        return Condition(cond.context, cond.pooled, tokens)
+
+    def _image_batch(self, images: list[np.ndarray]) -> torch.Tensor:
+        """[B, 3, S, S] in [0, 1] on the device: each object centred and scaled alike (`images.centre_object`)."""
+        return torch.stack([centre_object(image, self.image_size) for image in images]).to(self.device)
+
     def unconditional(self, cond: Condition) -> Condition:
-        """The guidance's unconditional input for a batch: the empty prompt's encoding, or zeros (official models)."""
+        """The guidance's unconditional input for a batch: the empty prompt's encoding and zero image tokens, or
+        all zeros (the published models)."""
         if self.config.uncond == "zeros":
             return Condition(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
-        return self.encode_text([""] * cond.context.shape[0])
+        text = self.encode_text([""] * cond.context.shape[0])
+        return Condition(text.context, text.pooled, None if cond.image is None else torch.zeros_like(cond.image))
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One noise tensor per seed, drawn on the CPU: a seed gives the same object in any batch, on any device."""

@@ -49,6 +49,7 @@ class Request:
     options: GenerationOptions = field(default_factory=GenerationOptions)
     formats: tuple[str, ...] = ()  # mesh files to encode into the result: "glb", "obj", "ply"
     mesh: bool = True  # False: previews only
+    image: np.ndarray | None = field(default=None, compare=False, repr=False)  # RGBA uint8 [H, W, 4] condition
 
     @property
     def sampling_key(self) -> tuple:
@@ -58,8 +59,8 @@ class Request:
     def check(self, index: int = 0) -> None:
         """Raise ValueError (InvalidOption for a setting) naming the first bad field."""
         self.options.validate()
-        if not self.prompt.strip():
-            raise ValueError(f"prompts[{index}] is empty: describe the object, e.g. 'a red cube'")
+        if not self.prompt.strip() and self.image is None:
+            raise ValueError(f"prompts[{index}] is empty: describe the object, e.g. 'a red cube', or give an image")
         for fmt in self.formats:
             if fmt not in FORMATS:
                 raise InvalidOption("formats", fmt, f"each one of {', '.join(FORMATS)}")
@@ -112,8 +113,8 @@ def run(gen: Generator, requests: list[Request], *, progress: ProgressFn | None 
     clock = StageClock(gen.device)
     batch_alive()
     emit("encode_text", 0, 1, None)
-    with clock.time("encode_text"):
-        cond = gen.encode_text(prompts)
+    with clock.time("encode_text"):  # prompts and images: the stage keeps its name for the metrics' sake
+        cond = gen.encode_conditions(prompts, [r.image for r in requests])
         uncond = gen.unconditional(cond) if options.guidance != 1.0 else None
     with clock.time("sample"):
         latents = gen.sample_latents(cond, uncond, [r.seed for r in requests], options, on_step)  # [B, 3, c, h, w]

@@ -26,3 +26,12 @@ def build_dit(cfg: ModelConfig) -> nn.Module:
     from ln3diff_rt.models.dit import DiT
 
     return DiT(cfg)
+
+
+def build_image_encoder(cfg: ModelConfig) -> nn.Module:
+    """The project's condition-image encoder (`ModelConfig.image_encoder`)."""
+    if cfg.image_encoder is None:
+        raise ValueError(f"preset {cfg.preset!r} has no image encoder (config.image_encoder is None)")
+    from ln3diff_rt.models.image_encoder import ImageEncoder
+
+    return ImageEncoder(cfg.image_encoder)

@@ -87,6 +87,12 @@ def load_engine_components(engine_dir: str | Path | None, backend: str, ckpt_pat
     return out
 
 
+def engine_components(eager: Components, backend: str, device: str, engine_dir: str | Path | None,
+                      ckpt_path: str | Path) -> Components:
+    """The entry `ln3diff_rt.backends` names for every engine backend (called by keyword from the pipeline)."""
+    return load_engine_components(engine_dir, backend, ckpt_path, eager, device)
+
+
 def _batched_field(engine: Engine, chunk: int | None
                    ) -> Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
     """The field engine takes one tri-plane: loop over a batch of them, in chunks of at most `chunk` points."""

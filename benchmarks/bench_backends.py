@@ -27,32 +27,16 @@ import torch
 from export.build_engine import build_engine
 from export.runtime import load_engine_components
 from ln3diff_rt.backends import BACKENDS as REGISTRY
-from ln3diff_rt.checkpoint import save_checkpoint
-from ln3diff_rt.config import get_preset
 from ln3diff_rt.conventions import FIELD_CHUNK
-from ln3diff_rt.models.dit import DiT
-from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.random_weights import random_checkpoint
 from ln3diff_rt.runner import generate
 
 BACKENDS = tuple(name for name, b in REGISTRY.items() if "cpu" in b.devices)  # what runs here
 FIELD_POINTS = 2 ** 18  # one meshing chunk
 PROMPTS = ["a red cube", "a wooden chair", "a blue teapot", "a tall lamp", "a green car", "a stone tower",
            "a small boat", "a white mug"]
-
-
-def random_tiny_checkpoint(path: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = get_preset("tiny")
-    vae, dit = TriplaneVAE(cfg).eval(), DiT(cfg)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        density, _ = vae.field(vae.decode(torch.randn(1, *cfg.latent_shape)), torch.rand(1, 4096, 3) * 2 - 1)
-    cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, mesh_threshold=float(density.median())))
-    save_checkpoint(path, cfg, {"vae": vae, "dit": dit})
-    return path
 
 
 def engine_generator(eager: Generator, ckpt: Path, backend: str, root: Path) -> tuple[Generator, float]:
@@ -112,7 +96,7 @@ def timed(fn) -> float:
 
 def run(args) -> dict:
     root = Path(args.engine_root)
-    ckpt = Path(args.ckpt) if args.ckpt else random_tiny_checkpoint(root / "random-tiny.safetensors")
+    ckpt = Path(args.ckpt) if args.ckpt else random_checkpoint(root / "random-tiny.safetensors")
     options = GenerationOptions(steps=args.steps, mesh_resolution=args.mesh_resolution,
                                 preview_views=args.preview_views, preview_size=args.preview_size)
     eager = Generator.from_checkpoint(ckpt, text_cache_size=0)  # text encoding is part of every request

@@ -26,24 +26,12 @@ import numpy as np
 import torch
 
 from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT, Generator
+from ln3diff_rt.random_weights import random_checkpoint
 from serve.client import Client
 from serve.server import ServerConfig, ServerThread
 
 PROMPTS = ["a red cube", "a wooden chair", "a blue vase", "a small house"]
 WORKLOAD = dict(steps=8, guidance=3.0, skip_mesh=True, preview_views=0)
-
-
-def random_checkpoint(directory: Path) -> Path:
-    from ln3diff_rt.checkpoint import save_checkpoint
-    from ln3diff_rt.config import get_preset
-    from ln3diff_rt.models.dit import DiT
-    from ln3diff_rt.models.vae import TriplaneVAE
-
-    cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    path = directory / "tiny-random.safetensors"
-    save_checkpoint(path, cfg, {"vae": TriplaneVAE(cfg), "dit": DiT(cfg)})
-    return path
 
 
 def load(generator: Generator, clients: int, requests: int, max_batch: int, max_wait_ms: float,
@@ -103,7 +91,9 @@ def main() -> None:
                         help="also write the figures as JSON (default path: beside this script)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt or (DEFAULT_CHECKPOINT if DEFAULT_CHECKPOINT.is_file() else random_checkpoint(Path(tmp)))
+        ckpt = args.ckpt or DEFAULT_CHECKPOINT
+        if not args.ckpt and not DEFAULT_CHECKPOINT.is_file():
+            ckpt = random_checkpoint(Path(tmp) / "tiny-random.safetensors")
         generator = Generator.from_checkpoint(ckpt, args.device)
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
               f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, checkpoint {Path(ckpt).name}")

@@ -26,8 +26,6 @@ from pathlib import Path
 import torch
 
 from ln3diff_rt.backends import BACKENDS
-from ln3diff_rt.checkpoint import Models
-from ln3diff_rt.config import get_preset
 from ln3diff_rt.options import GenerationOptions, InvalidOption, add_option_flags, flag_name, options_from_args
 from ln3diff_rt.pipeline import Components, Generator
 from ln3diff_rt.runner import BATCH_STAGES, Request, run
@@ -39,20 +37,16 @@ PROFILE_DEFAULTS = GenerationOptions(preview_views=2, preview_size=96)
 
 
 def random_weight_generator(preset: str, device: str, seed: int = 0) -> Generator:
-    """A Generator for a preset with random weights; the DiT's zero-initialised modulation is perturbed
-    so every layer does real work, and the MiniLM text tokens are projected to the preset's context width."""
-    from ln3diff_rt.models.dit import DiT
-    from ln3diff_rt.models.vae import TriplaneVAE
+    """A Generator for a preset with random weights (`random_weights.random_models`: every layer does real work),
+    the MiniLM text tokens projected to the preset's context width."""
+    from ln3diff_rt.random_weights import random_models
     from ln3diff_rt.text import TextEncoder
 
-    cfg = get_preset(preset)
-    torch.manual_seed(seed)
-    vae, dit = TriplaneVAE(cfg).to(device).eval(), DiT(cfg).to(device).eval()
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    models = random_models(preset, seed, device)
+    cfg = models.config
     text = TextEncoder(max_length=cfg.dit.context_len).to(device)
-    projection = torch.randn(text.width, cfg.dit.context_dim, device=device) / text.width ** 0.5
+    projection = torch.randn(text.width, cfg.dit.context_dim, device=device,
+                             generator=torch.Generator(device).manual_seed(seed)) / text.width ** 0.5
 
     def encode(prompts: list[str]) -> Condition:
         cond = text(prompts)
@@ -60,8 +54,8 @@ def random_weight_generator(preset: str, device: str, seed: int = 0) -> Generato
             return cond
         return Condition(cond.context @ projection, cond.pooled @ projection)
 
-    models = Models(cfg, vae, dit, Path(f"<random {preset}>"), {})
-    return Generator(models, device, Components(encode, dit, vae.decode, vae.field), backend="eager")
+    return Generator(models, device, Components(encode, models.dit, models.vae.decode, models.vae.field),
+                     backend="eager")
 
 
 @dataclass

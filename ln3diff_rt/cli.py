@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from ln3diff_rt.backends import BACKENDS, backends_help
 from ln3diff_rt.mesh_export import FORMATS
@@ -28,13 +29,18 @@ DEFAULT_CHECKPOINT_NAME = "ln3diff-tiny.safetensors"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ln3diff", description="LN3Diff runtime: text -> 3D assets.")
+    parser = argparse.ArgumentParser(prog="ln3diff", description="LN3Diff runtime: text or image -> 3D assets.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="print parameter counts and latent / tri-plane shapes of each preset")
-    g = sub.add_parser("generate", help="text -> mesh (GLB/OBJ/PLY) and turntable previews",
-                       description="Generate 3D objects from prompts with the shipped model or --ckpt. "
-                                   "Example: ln3diff generate \"a red cube\" --out out/")
-    g.add_argument("prompts", nargs="+", help="one or more prompts; each becomes one object")
+    g = sub.add_parser("generate", help="text or image -> mesh (GLB/OBJ/PLY) and turntable previews",
+                       description="Generate 3D objects from prompts and/or images with the shipped model or "
+                                   "--ckpt. Examples: ln3diff generate \"a red cube\" --out out/; "
+                                   "ln3diff generate --image photo.png --out out/")
+    g.add_argument("prompts", nargs="*", help="prompts; each becomes one object (with as many --image as prompts, "
+                                              "prompt i and image i make object i together)")
+    g.add_argument("--image", action="append", default=[], metavar="FILE",
+                   help="condition image, repeatable, one object each: RGBA (alpha = the object's mask) or RGB on a "
+                        "plain background (no background removal is done); the object is centred and scaled")
     g.add_argument("--out", default="out", help="output directory (default: %(default)s)")
     g.add_argument("--seed", type=int, default=None,
                    help=f"{SEED.help}; object i uses seed + i (default: random, printed)")
@@ -67,6 +73,7 @@ def generate(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
+    from ln3diff_rt.images import read_image
     from ln3diff_rt.options import resolve_seed
     from ln3diff_rt.outputs import write_result
     from ln3diff_rt.pipeline import Generator
@@ -77,11 +84,20 @@ def generate(args: argparse.Namespace) -> int:
     for i, prompt in enumerate(args.prompts):
         if not prompt.strip():
             raise ValueError(f"prompt {i + 1} is empty: describe the object, e.g. \"a red cube\"")
+    if not args.prompts and not args.image:
+        raise ValueError("nothing to generate: give a prompt (\"a red cube\") or --image FILE")
+    if args.prompts and args.image and len(args.prompts) != len(args.image):
+        raise ValueError(f"{len(args.prompts)} prompts and {len(args.image)} images: give as many of each (prompt "
+                         "i goes with image i), or only prompts, or only images")
+    images = [read_image(path) for path in args.image]  # unreadable files fail here, named, before the model loads
+    count = max(len(args.prompts), len(images))
+    prompts, images = args.prompts or [""] * count, images or [None] * count
+    names = args.prompts or [Path(path).stem for path in args.image]
     options_from_args(args)  # bad flags fail before the model is loaded
     first = resolve_seed(args.seed)
-    if first + len(args.prompts) - 1 > MAX_SEED:
-        raise InvalidOption("seed", first, f"at most {MAX_SEED - len(args.prompts) + 1} for {len(args.prompts)} "
-                                           "prompts (object i uses seed + i)")
+    if first + count - 1 > MAX_SEED:
+        raise InvalidOption("seed", first, f"at most {MAX_SEED - count + 1} for {count} objects "
+                                           "(object i uses seed + i)")
     if args.backend not in BACKENDS:
         raise ValueError(f"backend={args.backend!r}: expected one of {', '.join(BACKENDS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -92,21 +108,22 @@ def generate(args: argparse.Namespace) -> int:
                                           engine_dir=args.engine, text_encoder=args.text_encoder)
     load_s = time.perf_counter() - start
     options = options_from_args(args, generator.default_options())  # unset flags take the model's defaults
-    seeds = [first + i for i in range(len(args.prompts))]
+    seeds = [first + i for i in range(count)]
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, done: int, total: int, index: int | None) -> None:
         if index is not None:  # per-object stages: one bar counting finished objects
-            stage, done, total = "objects", index + (done == total), len(args.prompts)
+            stage, done, total = "objects", index + (done == total), count
         bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, leave=False))
         bar.n = done
         bar.refresh()
 
-    requests = [Request(p, s, options, (args.format,)) for p, s in zip(args.prompts, seeds, strict=True)]
+    requests = [Request(p, s, options, (args.format,), image=image)
+                for p, s, image in zip(prompts, seeds, images, strict=True)]
     for result in run(generator, requests, progress=progress):
-        paths = write_result(result, args.out)
+        paths = write_result(result, args.out, names[result.index])
         stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-        tqdm.write(f"{result.prompt!r} (seed {result.seed}): {stages}")
+        tqdm.write(f"{names[result.index]!r} (seed {result.seed}): {stages}")
         if result.mesh is None or result.mesh.empty:
             tqdm.write("  no surface found at the density threshold: no mesh written (try another seed)")
         else:

@@ -38,10 +38,12 @@ def read_image(source: str | Path | bytes, name: str | None = None) -> np.ndarra
             if image.width * image.height > MAX_PIXELS:
                 raise ImageError(f"{name}: {image.width} x {image.height} pixels; at most {MAX_PIXELS} are taken")
             rgba = np.asarray(image.convert("RGBA"))
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as e:
+    except UnidentifiedImageError as e:
+        raise ImageError(f"{name}: not a readable image (PNG, JPEG, WebP, ...)") from e
+    except (OSError, Image.DecompressionBombError, ValueError) as e:
         if isinstance(e, ImageError):
             raise
-        raise ImageError(f"{name}: not a readable image (PNG, JPEG, WebP, ...): {e}") from e
+        raise ImageError(f"{name}: damaged or unsupported image: {e}") from e
     return rgba
 
 

@@ -16,11 +16,12 @@ def slug(prompt: str, seed: int) -> str:
     return f"{stem}_s{seed}"
 
 
-def write_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
-    """Write what the result holds (its exported meshes and previews); returns the written paths."""
+def write_result(result: GenerationResult, out_dir: str | Path, name: str | None = None) -> list[Path]:
+    """Write what the result holds (its exported meshes and previews), files named after `name` (default: the
+    prompt) and the seed; returns the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = slug(result.prompt, result.seed)
+    stem = slug(result.prompt if name is None else name, result.seed)
     written = []
     for fmt, data in result.exports.items():
         path = out / f"{stem}.{fmt}"

@@ -141,6 +141,13 @@ class Generator:
         """GenerationOptions with this model's own defaults (its config's `request_defaults`) filled in."""
         return GenerationOptions().replace(**self.config.request_defaults)
 
+    def check_inputs(self, prompt: str, image: np.ndarray | None) -> None:
+        """ValueError unless this model takes this kind of request (a prompt, an image, or both)."""
+        if image is not None and not self.config.takes_images:
+            raise ValueError(f"{self.config.preset} ({self.models.path.name}) has no image input; give a prompt")
+        if image is None and self.config.image_only:
+            raise ValueError(f"{self.config.preset} generates from an image alone; give an image")
+
     def check_options(self, options: GenerationOptions) -> None:
         """InvalidOption unless `options` suit this model (beyond their own bounds)."""
         if options.sampler not in self.samplers:
@@ -176,11 +183,7 @@ class Generator:
         with zero image tokens where a request has no image (what training's condition dropout taught them).
         """
         given = [i for i, image in enumerate(images) if image is not None]
-        if given and not self.config.takes_images:
-            raise ValueError(f"{self.config.preset} ({self.models.path.name}) has no image input; give a prompt")
         if self.config.image_only:
-            if len(given) != len(images):
-                raise ValueError(f"{self.config.preset} generates from an image; every request needs one")
             return self.components.image_encoder(self._image_batch(images))
         cond = self.encode_text(prompts)
         if self.components.image_encoder is None:

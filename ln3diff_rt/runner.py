@@ -94,6 +94,7 @@ def run(gen: Generator, requests: list[Request], *, progress: ProgressFn | None 
     for i, r in enumerate(requests):
         r.check(i)
         gen.check_options(r.options)
+        gen.check_inputs(r.prompt, r.image)
         if r.sampling_key != requests[0].sampling_key:
             raise ValueError(f"requests[{i}]: sampling settings {r.sampling_key} differ from the batch's "
                              f"{requests[0].sampling_key}; sample them in separate runs")

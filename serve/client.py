@@ -38,14 +38,16 @@ class Generation:
     previews: list[bytes] = field(default_factory=list)  # PNG files
 
 
-def build_request(prompt: str, *, seed: int | None = None, formats: Iterable[str] = ("glb",),
-                  skip_mesh: bool = False, **options) -> pb.GenerateRequest:
+def build_request(prompt: str = "", *, seed: int | None = None, formats: Iterable[str] = ("glb",),
+                  skip_mesh: bool = False, image: bytes | None = None, **options) -> pb.GenerateRequest:
     """A GenerateRequest; `options` are GenerationOptions fields (steps, guidance, mesh_resolution, ...),
-    and a None one (or an absent seed) is left to the server (see GetModelInfo().defaults)."""
+    and a None one (or an absent seed) is left to the server (see GetModelInfo().defaults). `image` is the
+    file's bytes (PNG, JPEG, WebP), sent as they are."""
     unknown = sorted(set(options) - set(option_specs()))
     if unknown:
         raise TypeError(f"unknown options {unknown}; expected some of {', '.join(option_specs())}")
-    request = pb.GenerateRequest(prompt=prompt, formats=[] if skip_mesh else list(formats), skip_mesh=skip_mesh)
+    request = pb.GenerateRequest(prompt=prompt, formats=[] if skip_mesh else list(formats), skip_mesh=skip_mesh,
+                                 image=image or b"")
     for name, value in (("seed", seed), *options.items()):
         if value is not None:
             setattr(request, name, value)
@@ -150,8 +152,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", type=Path, default=None, help="TLS with this PEM root certificate")
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="text to a mesh file")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="text or image to a mesh file")
+    g.add_argument("prompt", nargs="?", default="", help="what to make (may be left out with --image)")
+    g.add_argument("--image", type=Path, default=None,
+                   help="condition image file: RGBA (alpha = the object's mask) or RGB on a plain background")
     g.add_argument("--out", type=Path, required=True, help="mesh file; the suffix (.glb, .obj, .ply) picks the format")
     g.add_argument("--seed", type=int, default=None, help=f"{SEED.help} (default: the server draws one, printed)")
     add_option_flags(g, whose="the server's")
@@ -174,8 +178,9 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
     options = {name: getattr(args, name) for name in option_specs()}
     if args.previews is None:
         options["preview_views"] = 0
+    image = args.image.read_bytes() if args.image is not None else None
     gen = client.generate(args.prompt, timeout=args.timeout, on_progress=_show_progress, seed=args.seed,
-                          formats=[fmt], **options)
+                          formats=[fmt], image=image, **options)
     print(file=sys.stderr)
     r = gen.result
     if r.mesh_empty:

@@ -114,8 +114,7 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, "the model is loading; retry when health says SERVING")
             try:
-                gen = self.scheduler.generator
-                spec = check_request(request, self.config.limits, gen.default_options(), gen.samplers)
+                spec = check_request(request, self.config.limits, self.scheduler.generator)
             except InvalidOption as e:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 await context.abort(code, str(e))
@@ -205,7 +204,8 @@ def stream_messages(out: Output, result: pb.Result):
 def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
     """The model, and every option's effective bounds (the option's own, tightened by Limits) and default."""
     cfg, lim, defaults = generator.config, config.limits, generator.default_options()
-    limits = pb.Limits(max_prompt_chars=lim.max_prompt_chars, max_queue=config.max_queue, max_batch=config.max_batch)
+    limits = pb.Limits(max_prompt_chars=lim.max_prompt_chars, max_queue=config.max_queue, max_batch=config.max_batch,
+                       max_image_bytes=lim.max_image_bytes)
     for name, (lo, hi) in lim.effective_bounds().items():
         for prefix, value in (("min_", lo), ("max_", hi)):
             if prefix + name in pb.Limits.DESCRIPTOR.fields_by_name:
@@ -215,7 +215,8 @@ def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
         backend=generator.backend, device=str(generator.device), latent_shape=list(cfg.latent_shape),
         triplane_shape=list(cfg.triplane_shape), text_encoder=cfg.text_encoder, formats=list(MESH_FORMATS),
         samplers=list(generator.samplers), limits=limits,
-        defaults=pb.Defaults(formats=list(DEFAULT_FORMATS), **dataclasses.asdict(defaults)))
+        defaults=pb.Defaults(formats=list(DEFAULT_FORMATS), **dataclasses.asdict(defaults)),
+        text_input=not cfg.image_only, image_input=cfg.takes_images)
 
 
 def warm_up(generator: Generator) -> None:

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
+from ln3diff_rt.images import ImageError, read_image
 from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
 from ln3diff_rt.options import GenerationOptions, InvalidOption, option_specs, resolve_seed
+from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import Request
 from serve.ln3diff.v1 import generator_pb2 as pb
 
@@ -23,6 +27,7 @@ class Limits:
     """The server's cost limits: each tightens the bound of the GenerationOptions field it names."""
 
     max_prompt_chars: int = 500
+    max_image_bytes: int = 8 << 20
     max_steps: int = 200
     max_guidance: float = 20.0
     max_shift: float = 10.0
@@ -60,19 +65,26 @@ def requested_options(request: pb.GenerateRequest) -> dict:
     return given
 
 
-def check_request(request: pb.GenerateRequest, limits: Limits, defaults: GenerationOptions | None = None,
-                  samplers: tuple[str, ...] | None = None) -> Request:
-    """The request with `defaults` (the model's) filled in, or InvalidOption naming the first bad field.
-
-    `samplers` are the solvers the served model knows (`Generator.samplers`)."""
+def check_request(request: pb.GenerateRequest, limits: Limits, model: Generator | None = None) -> Request:
+    """The request with the served `model`'s defaults filled in, or InvalidOption naming the first bad field."""
     prompt = request.prompt.strip()
-    if not prompt:
-        raise InvalidOption("prompt", request.prompt, "a non-empty description, e.g. 'a red cube'")
+    image = check_image(request.image, limits) if request.image else None
+    if not prompt and image is None:
+        raise InvalidOption("prompt", request.prompt, "a non-empty description, e.g. 'a red cube' (or an image)")
     if len(prompt) > limits.max_prompt_chars:
         raise InvalidOption("prompt", f"<{len(prompt)} chars>", f"at most {limits.max_prompt_chars} characters")
-    options = (defaults or GenerationOptions()).replace(**requested_options(request)).validate(limits.bounds())
-    if samplers is not None and options.sampler not in samplers:
-        raise InvalidOption("sampler", options.sampler, f"one of {', '.join(samplers)} for the served model")
+    defaults = model.default_options() if model is not None else GenerationOptions()
+    options = defaults.replace(**requested_options(request)).validate(limits.bounds())
+    if model is not None:
+        if options.sampler not in model.samplers:
+            raise InvalidOption("sampler", options.sampler, f"one of {', '.join(model.samplers)} for the served model")
+        cfg = model.config
+        if image is not None and not cfg.takes_images:
+            raise InvalidOption("image", f"<{len(request.image)} bytes>",
+                                f"no image: the served model ({cfg.preset}) takes a prompt only")
+        if image is None and cfg.image_only:
+            raise InvalidOption("image", "<none>", f"an image: the served model ({cfg.preset}) generates from an "
+                                "image alone")
     if request.skip_mesh and request.formats:
         raise InvalidOption("formats", list(request.formats), "empty when skip_mesh is set")
     formats = () if request.skip_mesh else tuple(request.formats) or DEFAULT_FORMATS
@@ -82,4 +94,14 @@ def check_request(request: pb.GenerateRequest, limits: Limits, defaults: Generat
     if len(set(formats)) != len(formats):
         raise InvalidOption("formats", list(formats), "no format twice")
     seed = resolve_seed(request.seed if request.HasField("seed") else None)
-    return Request(prompt, seed, options, formats, not request.skip_mesh)
+    return Request(prompt, seed, options, formats, not request.skip_mesh, image)
+
+
+def check_image(data: bytes, limits: Limits) -> np.ndarray:
+    """The image file decoded to RGBA, or InvalidOption("image") saying why not (the bytes are not echoed)."""
+    if len(data) > limits.max_image_bytes:
+        raise InvalidOption("image", f"<{len(data)} bytes>", f"an image file of at most {limits.max_image_bytes} bytes")
+    try:
+        return read_image(data, name="image")
+    except ImageError as e:
+        raise InvalidOption("image", f"<{len(data)} bytes>", str(e).removeprefix("image: ")) from e

@@ -37,8 +37,8 @@ class GenerationJob:
 
     def __init__(self, server: str, prompt: str, out_dir: str | Path, token: str = "", seed: int | None = None,
                  steps: int | None = None, mesh_resolution: int | None = None, timeout: float = 600.0,
-                 repo_path: str = ""):
-        self.server, self.prompt, self.out_dir, self.token = server, prompt, Path(out_dir), token
+                 repo_path: str = "", image: bytes | None = None):
+        self.server, self.prompt, self.out_dir, self.token, self.image = server, prompt, Path(out_dir), token, image
         self.seed, self.steps, self.mesh_resolution, self.timeout = seed, steps, mesh_resolution, timeout
         self.repo_path = repo_path
         self.fraction, self.status = 0.0, "starting"
@@ -83,7 +83,7 @@ class GenerationJob:
 
             with Client(self.server, self.token or None) as client:
                 request = build_request(self.prompt, seed=self.seed, steps=self.steps, formats=["glb"],
-                                        mesh_resolution=self.mesh_resolution, preview_views=0)
+                                        mesh_resolution=self.mesh_resolution, preview_views=0, image=self.image)
                 self._call = client.stub.Generate(request, timeout=self.timeout, metadata=client.metadata)
                 if self._cancelled:
                     self._call.cancel()
@@ -101,6 +101,19 @@ class GenerationJob:
         except Exception as e:  # shown in Blender's status bar; never raised into Blender's UI thread
             code = getattr(e, "code", None)
             self.error = f"{code().name}: {e.details()}" if callable(code) else str(e)
+
+
+def condition_image(context, path: str, scratch: str) -> bytes | None:
+    """The image file's bytes, or the image shown in an Image Editor saved as PNG, or None (text only)."""
+    if path:
+        return Path(path).read_bytes()
+    for area in getattr(context.screen, "areas", ()):
+        image = getattr(area.spaces.active, "image", None) if area.type == "IMAGE_EDITOR" else None
+        if image is not None:
+            png = Path(scratch) / "condition.png"
+            image.save_render(str(png))  # works for packed, generated and file images alike
+            return png.read_bytes()
+    return None
 
 
 # -- Blender UI: defined on register(), so the module imports without bpy ----------------------------
@@ -123,11 +136,12 @@ def _make_classes() -> list:
                 self.layout.prop(self, name)
 
     class LN3DIFF_OT_generate(bpy.types.Operator):
-        """Generate a mesh from a text prompt and import it"""
+        """Generate a mesh from a text prompt and/or an image and import it"""
 
         bl_idname = "ln3diff.generate"
-        bl_label = "Generate 3D from text"
+        bl_label = "Generate 3D from text or image"
         prompt: StringProperty(name="Prompt", default="a red cube")
+        image_path: StringProperty(name="Image (empty: the Image Editor's image, if any)", subtype="FILE_PATH")
         # Blender properties cannot be unset: -1 / 0 stand for "the server's choice" (a seed of 0 is a seed).
         seed: IntProperty(name="Seed (-1: random)", default=-1, min=-1)
         steps: IntProperty(name="Steps (0: server default)", default=0, min=0, max=1000)
@@ -137,9 +151,15 @@ def _make_classes() -> list:
 
         def execute(self, context):
             prefs = context.preferences.addons[__name__].preferences
-            self.job = GenerationJob(prefs.server, self.prompt, tempfile.mkdtemp(prefix="ln3diff_"), prefs.token,
+            out_dir = tempfile.mkdtemp(prefix="ln3diff_")
+            try:
+                image = condition_image(context, bpy.path.abspath(self.image_path) if self.image_path else "", out_dir)
+            except OSError as e:
+                self.report({"ERROR"}, f"LN3Diff: cannot read the image: {e}")
+                return {"CANCELLED"}
+            self.job = GenerationJob(prefs.server, self.prompt, out_dir, prefs.token,
                                      None if self.seed < 0 else self.seed, self.steps or None,
-                                     repo_path=bpy.path.abspath(prefs.repo_path)).start()
+                                     repo_path=bpy.path.abspath(prefs.repo_path), image=image).start()
             self.timer = context.window_manager.event_timer_add(0.2, window=context.window)
             context.window_manager.modal_handler_add(self)
             return {"RUNNING_MODAL"}

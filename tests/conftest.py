@@ -67,3 +67,79 @@ def tiny_clip_dir(tmp_path_factory) -> Path:
         torch.manual_seed(0)
         CLIPTextModel(config).eval().save_pretrained(path)
     return path
+
+
+# -- a usable random model, and the engine-vs-eager checks the backend test files share ------------------
+
+# Max |engine - eager| allowed at fp32 on the CPU, with what was measured on the tiny model in brackets.
+# The text transformer differs most (SDPA vs decomposed attention over 6 BERT layers, hidden states ~5).
+TOLERANCES = {
+    "text_encoder": 5e-4,  # context (7e-5); pooled is L2-normalised (2e-7)
+    "denoiser": 1e-5,  # velocity (5e-7)
+    "decoder": 5e-5,  # tri-planes (3e-6)
+    "field": 1e-5,  # density, rgb (2e-7)
+    "latents": 1e-4,  # after 2 CFG Euler steps (1e-6)
+}
+PROMPTS = ["a red cube", "a wooden chair", "a blue teapot", "a tall lamp"]
+
+
+@pytest.fixture(scope="session")
+def random_tiny_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset with random weights that do real work (`ln3diff_rt.random_weights`), saved once a session."""
+    from ln3diff_rt.random_weights import random_checkpoint
+
+    return random_checkpoint(tmp_path_factory.mktemp("random-tiny") / "tiny.safetensors")
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max())
+
+
+def check_components_match_eager(eager, engine, config, batch: int) -> None:
+    """Denoiser velocity, decoder tri-planes, field density / rgb and text conditions of `engine` vs `eager`."""
+    from ln3diff_rt.conventions import FIELD_CHUNK
+
+    gen = torch.Generator().manual_seed(batch)
+    x = torch.randn(batch, *config.latent_shape, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    cond = eager.text_encoder(PROMPTS[:batch])
+    got = engine.text_encoder(PROMPTS[:batch])
+    assert got.context.shape == cond.context.shape and got.pooled.shape == cond.pooled.shape
+    assert max_error(got.context, cond.context) < TOLERANCES["text_encoder"]
+    assert max_error(got.pooled, cond.pooled) < TOLERANCES["text_encoder"]
+    with torch.no_grad():
+        v_ref = eager.denoiser(x, t, cond.context, cond.pooled)
+        v = engine.denoiser(x, t, cond.context, cond.pooled)
+        assert v.shape == v_ref.shape and v.dtype == torch.float32
+        assert 0 < max_error(v_ref, torch.zeros_like(v_ref))  # a perturbed DiT: the check is not 0 == 0
+        assert max_error(v, v_ref) < TOLERANCES["denoiser"]
+        planes_ref = eager.decoder(x)
+        planes = engine.decoder(x)
+        assert planes.shape == planes_ref.shape == (batch, *config.triplane_shape)
+        assert max_error(planes, planes_ref) < TOLERANCES["decoder"]
+        points = torch.rand(batch, 1000 + batch, 3, generator=gen) * 2.2 - 1.1  # some outside the box
+        for ref, out in zip(eager.field(planes_ref, points), engine.field(planes_ref, points), strict=True):
+            assert ref.shape == out.shape
+            assert max_error(out, ref) < TOLERANCES["field"]
+        many = torch.rand(1, 2 * FIELD_CHUNK + 5, 3, generator=gen) * 2 - 1  # several engine calls
+        for ref, out in zip(eager.field(planes_ref[:1], many), engine.field(planes_ref[:1], many), strict=True):
+            assert ref.shape == out.shape and max_error(out, ref) < TOLERANCES["field"]
+        density, rgb = engine.field(planes_ref[:1], points[:1, :0])  # meshing can ask for no points
+        assert density.shape == (1, 0) and rgb.shape == (1, 0, 3)
+
+
+def check_generate_matches_eager(eager_gen, engine_gen, batch: int) -> None:
+    """Full requests: latents within tolerance, identical mesh vertex counts, previews of the same size."""
+    from ln3diff_rt.options import GenerationOptions
+    from ln3diff_rt.runner import generate
+
+    # Small but complete: CFG (the denoiser runs at 2B), a mesh, one preview through the field.
+    options = GenerationOptions(steps=2, guidance=3.0, mesh_resolution=32, faces=0, preview_views=1, preview_size=16)
+    prompts, seeds = PROMPTS[:batch], list(range(batch))
+    ref = generate(eager_gen, prompts, seeds, options)
+    got = generate(engine_gen, prompts, seeds, options)
+    for a, b in zip(ref, got, strict=True):
+        assert max_error(a.latent, b.latent) < TOLERANCES["latents"]
+        assert len(a.mesh.vertices) > 0  # the random checkpoint's threshold crosses the field
+        assert len(a.mesh.vertices) == len(b.mesh.vertices) and len(a.mesh.faces) == len(b.mesh.faces)
+        assert b.previews[0].shape == a.previews[0].shape == (16, 16, 3)

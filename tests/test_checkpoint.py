@@ -8,20 +8,16 @@ from safetensors.torch import save_file
 
 from ln3diff_rt.checkpoint import CheckpointError, load_checkpoint, load_models, save_checkpoint
 from ln3diff_rt.config import ModelConfig, get_preset
-from ln3diff_rt.models.dit import DiT
-from ln3diff_rt.models.vae import TriplaneVAE
+from ln3diff_rt.random_weights import random_models
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
-    torch.manual_seed(3)
-    cfg = get_preset("tiny").replace(latent_scale=1.234)
-    vae, dit = TriplaneVAE(cfg), DiT(cfg)
-    for p in dit.parameters():  # AdaLN-Zero leaves zeros; make every tensor distinctive
-        p.data.normal_()
+    models = random_models("tiny", seed=3)  # no all-zero tensor left by AdaLN-Zero: a mix-up would show
+    cfg = models.config.replace(latent_scale=1.234)
     path = tmp_path_factory.mktemp("ckpt") / "model.safetensors"
-    save_checkpoint(path, cfg, {"vae": vae, "dit": dit})
-    return path, cfg, vae, dit
+    save_checkpoint(path, cfg, {"vae": models.vae, "dit": models.dit})
+    return path, cfg, models.vae, models.dit
 
 
 def test_config_json_roundtrip():

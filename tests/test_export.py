@@ -1,10 +1,8 @@
 """Engine export without compiling anything: manifest checks on load, TensorRT profiles, cache keys and
-refusal, request validation, the CLI. Also the helpers the backend test files share (a tiny random
-checkpoint, the tolerances, the parity checks against eager)."""
+refusal, request validation, the CLI."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -14,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import max_error
 
 from export.build_engine import check_request, main
 from export.manifest import (
@@ -36,104 +35,11 @@ from export.tensorrt_engine import (
     optimisation_profile,
     run_within,
 )
-from ln3diff_rt.checkpoint import file_sha256, save_checkpoint
-from ln3diff_rt.config import get_preset
-from ln3diff_rt.conventions import FIELD_CHUNK
-from ln3diff_rt.models.dit import DiT
-from ln3diff_rt.models.vae import TriplaneVAE
-from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.pipeline import Components
-from ln3diff_rt.runner import generate
+from ln3diff_rt.random_weights import random_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
-
-# Max |engine - eager| allowed at fp32 on the CPU, with what was measured on the tiny model in brackets.
-# The text transformer differs most (SDPA vs decomposed attention over 6 BERT layers, hidden states ~5).
-TOLERANCES = {
-    "text_encoder": 5e-4,  # context (7e-5); pooled is L2-normalised (2e-7)
-    "denoiser": 1e-5,  # velocity (5e-7)
-    "decoder": 5e-5,  # tri-planes (3e-6)
-    "field": 1e-5,  # density, rgb (2e-7)
-    "latents": 1e-4,  # after 2 CFG Euler steps (1e-6)
-}
-# Small but complete generation: CFG (the denoiser runs at 2B), a mesh, one preview through the field.
-GEN_OPTIONS = GenerationOptions(steps=2, guidance=3.0, mesh_resolution=32, faces=0, preview_views=1,
-                                preview_size=16)
-PROMPTS = ["a red cube", "a wooden chair", "a blue teapot", "a tall lamp"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """One torch / OpenMP / ONNX Runtime thread per module: on two cores that also train a model, a second
-    thread stalls at every OpenMP barrier (a tiny-model request took 7 s with two threads, 0.4 s with one)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
-    """The tiny preset with random weights; DiT perturbed (AdaLN-Zero makes it output zeros) and the mesh
-    threshold set to the median density of a decoded random latent, so that meshes are not empty."""
-    torch.manual_seed(seed)
-    cfg = get_preset("tiny")
-    vae, dit = TriplaneVAE(cfg).eval(), DiT(cfg)
-    with torch.no_grad():
-        for p in dit.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-        planes = vae.decode(torch.randn(1, *cfg.latent_shape))
-        density, _ = vae.field(planes, torch.rand(1, 4096, 3) * 2 - 1)
-    threshold = float(density.median())
-    cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, mesh_threshold=threshold))
-    save_checkpoint(path, cfg, {"vae": vae, "dit": dit})
-    return path
-
-
-def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max())
-
-
-def check_components_match_eager(eager, engine, config, batch: int) -> None:
-    """Denoiser velocity, decoder tri-planes, field density / rgb and text conditions of `engine` vs `eager`."""
-    gen = torch.Generator().manual_seed(batch)
-    x = torch.randn(batch, *config.latent_shape, generator=gen)
-    t = torch.rand(batch, generator=gen)
-    cond = eager.text_encoder(PROMPTS[:batch])
-    got = engine.text_encoder(PROMPTS[:batch])
-    assert got.context.shape == cond.context.shape and got.pooled.shape == cond.pooled.shape
-    assert max_error(got.context, cond.context) < TOLERANCES["text_encoder"]
-    assert max_error(got.pooled, cond.pooled) < TOLERANCES["text_encoder"]
-    with torch.no_grad():
-        v_ref = eager.denoiser(x, t, cond.context, cond.pooled)
-        v = engine.denoiser(x, t, cond.context, cond.pooled)
-        assert v.shape == v_ref.shape and v.dtype == torch.float32
-        assert 0 < max_error(v_ref, torch.zeros_like(v_ref))  # a perturbed DiT: the check is not 0 == 0
-        assert max_error(v, v_ref) < TOLERANCES["denoiser"]
-        planes_ref = eager.decoder(x)
-        planes = engine.decoder(x)
-        assert planes.shape == planes_ref.shape == (batch, *config.triplane_shape)
-        assert max_error(planes, planes_ref) < TOLERANCES["decoder"]
-        points = torch.rand(batch, 1000 + batch, 3, generator=gen) * 2.2 - 1.1  # some outside the box
-        for ref, out in zip(eager.field(planes_ref, points), engine.field(planes_ref, points), strict=True):
-            assert ref.shape == out.shape
-            assert max_error(out, ref) < TOLERANCES["field"]
-        many = torch.rand(1, 2 * FIELD_CHUNK + 5, 3, generator=gen) * 2 - 1  # several engine calls
-        for ref, out in zip(eager.field(planes_ref[:1], many), engine.field(planes_ref[:1], many), strict=True):
-            assert ref.shape == out.shape and max_error(out, ref) < TOLERANCES["field"]
-        density, rgb = engine.field(planes_ref[:1], points[:1, :0])  # meshing can ask for no points
-        assert density.shape == (1, 0) and rgb.shape == (1, 0, 3)
-
-
-def check_generate_matches_eager(eager_gen, engine_gen, batch: int) -> None:
-    """Full requests: latents within tolerance, identical mesh vertex counts, previews of the same size."""
-    prompts, seeds = PROMPTS[:batch], list(range(batch))
-    ref = generate(eager_gen, prompts, seeds, GEN_OPTIONS)
-    got = generate(engine_gen, prompts, seeds, GEN_OPTIONS)
-    for a, b in zip(ref, got, strict=True):
-        assert max_error(a.latent, b.latent) < TOLERANCES["latents"]
-        assert len(a.mesh.vertices) > 0  # the threshold of the test checkpoint crosses the field
-        assert len(a.mesh.vertices) == len(b.mesh.vertices) and len(a.mesh.faces) == len(b.mesh.faces)
-        assert b.previews[0].shape == a.previews[0].shape == (16, 16, 3)
 
 
 def test_projected_field_is_the_same_maths():
@@ -154,9 +60,9 @@ def test_projected_field_is_the_same_maths():
 # -- manifest checks on load --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+@pytest.fixture
+def checkpoint(random_tiny_checkpoint) -> Path:
+    return random_tiny_checkpoint
 
 
 def _manifest(ckpt: Path, backend: str = "onnx", **changes) -> Manifest:
@@ -199,7 +105,7 @@ def test_eager_entries_keep_the_eager_components(tmp_path, checkpoint):
 
 
 def test_engine_from_another_checkpoint_is_refused(tmp_path, checkpoint):
-    other = make_tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
+    other = random_checkpoint(tmp_path / "other.safetensors", seed=1)
     write_manifest(_manifest(other), tmp_path)
     with pytest.raises(ValueError) as err:
         load_engine_components(tmp_path, "onnx", checkpoint, None, "cpu")
@@ -242,7 +148,7 @@ def test_wrong_backend_device_and_missing_manifest_are_refused(tmp_path, checkpo
 def test_generator_refuses_engine_of_another_checkpoint(tmp_path, checkpoint):
     from ln3diff_rt.pipeline import Generator
 
-    other = make_tiny_checkpoint(tmp_path / "other.safetensors", seed=1)
+    other = random_checkpoint(tmp_path / "other.safetensors", seed=1)
     write_manifest(_manifest(other), tmp_path)
     with pytest.raises(ValueError, match="rebuild the engine for this checkpoint"):
         Generator.from_checkpoint(checkpoint, backend="onnx", engine_dir=tmp_path)

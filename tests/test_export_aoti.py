@@ -7,13 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_export import (
-    TOLERANCES,
-    check_components_match_eager,
-    check_generate_matches_eager,
-    make_tiny_checkpoint,
-    one_torch_thread,  # noqa: F401 (autouse)
-)
+from conftest import TOLERANCES, check_components_match_eager, check_generate_matches_eager
 
 from export.build_engine import build_engine, summary_table
 from export.manifest import read_manifest
@@ -23,8 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+def built(tmp_path_factory, random_tiny_checkpoint):
+    ckpt = random_tiny_checkpoint
     engine_dir = tmp_path_factory.mktemp("aoti")
     build_engine(ckpt, engine_dir, "aoti", batch_sizes=[1, 4], components=("denoiser", "decoder", "field"),
                  progress=False)

@@ -4,13 +4,7 @@ one compile of MiniLM per test session (~20 s), the other components left eager 
 from __future__ import annotations
 
 import pytest
-from test_export import (
-    PROMPTS,
-    TOLERANCES,
-    make_tiny_checkpoint,
-    max_error,
-    one_torch_thread,  # noqa: F401 (autouse)
-)
+from conftest import PROMPTS, TOLERANCES, max_error
 
 from export.build_engine import build_engine
 from ln3diff_rt.pipeline import Generator
@@ -19,8 +13,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def generators(tmp_path_factory):
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+def generators(tmp_path_factory, random_tiny_checkpoint):
+    ckpt = random_tiny_checkpoint
     engine_dir = tmp_path_factory.mktemp("aoti_text")
     manifest = build_engine(ckpt, engine_dir, "aoti", batch_sizes=[1, 4], components=("text_encoder",),
                             progress=False)

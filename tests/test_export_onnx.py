@@ -8,14 +8,7 @@ from __future__ import annotations
 import onnx
 import pytest
 import torch
-from test_export import (
-    TOLERANCES,
-    check_components_match_eager,
-    check_generate_matches_eager,
-    make_tiny_checkpoint,
-    max_error,
-    one_torch_thread,  # noqa: F401 (autouse)
-)
+from conftest import TOLERANCES, check_components_match_eager, check_generate_matches_eager, max_error
 
 from export.build_engine import build_engine
 from export.components import component_specs, run_module
@@ -26,8 +19,8 @@ from ln3diff_rt.pipeline import Generator
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory):
-    ckpt = make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+def built(tmp_path_factory, random_tiny_checkpoint):
+    ckpt = random_tiny_checkpoint
     engine_dir = tmp_path_factory.mktemp("onnx")
     build_engine(ckpt, engine_dir, "onnx", batch_sizes=[1, 4], progress=False)
     eager = Generator.from_checkpoint(ckpt)

@@ -31,9 +31,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from ln3diff_rt.checkpoint import file_sha256, save_checkpoint
 from ln3diff_rt.config import get_preset
-from ln3diff_rt.models.dit import DiT
-from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.random_weights import random_models
 from serve import codegen
 from serve.client import Client, IntegrityError, assemble, build_request
 from serve.ln3diff.v1 import generator_pb2 as pb
@@ -48,9 +47,8 @@ LONG_STEPS = 1000  # >= 10 s of sampling even on idle cores, so a quick follow-u
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    cfg = get_preset("tiny")
-    torch.manual_seed(0)
-    vae, dit = TriplaneVAE(cfg), DiT(cfg)
+    models = random_models("tiny", seed=0)
+    vae = models.vae
     with torch.no_grad():
         out = vae.decoder.upsampler.out  # planes ~ channel 0 = 1, small latent-dependent rest
         out.weight.mul_(0.01)
@@ -64,7 +62,7 @@ def checkpoint(tmp_path_factory) -> Path:
         mlp[2].weight[0, 0] = 10.0
         mlp[2].bias[0] = -15.0
     path = tmp_path_factory.mktemp("ckpt") / "tiny-cube.safetensors"
-    save_checkpoint(path, cfg, {"vae": vae, "dit": dit})
+    save_checkpoint(path, get_preset("tiny"), {"vae": vae, "dit": models.dit})  # the preset's threshold of 10
     return path
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from export.field import ProjectedTriplaneField
 from export.manifest import TensorSpec
 from ln3diff_rt.checkpoint import Models
-from ln3diff_rt.text import TextEncoder
+from ln3diff_rt.text import TextEncoder, text_features
 
 TRACE_SIZES = {"batch": 2, "points": 64}  # example sizes for tracing: above 1, so nothing specialises on them
 CHECK_SIZES = {"points": (1, 4099)}  # field sizes checked against eager after export (batches: --batch-sizes)
@@ -37,11 +37,7 @@ class TextTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        extra = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-        return hidden, F.normalize(pooled, dim=-1)
+        return text_features(self.model, input_ids, attention_mask, token_type_ids)
 
 
 @dataclass

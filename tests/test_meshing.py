@@ -95,7 +95,7 @@ def test_export_loads_back_with_colors(sphere_mesh, fmt, tmp_path):
 
 def test_y_up_and_unit_size():
     m = extract_mesh(tall_ellipsoid, RES, color_fn=position_color)
-    raw = to_trimesh(m, up="y", unit_size=None)
+    raw = to_trimesh(m, unit_size=None)
     x, y, z = m.vertices.T
     assert np.allclose(raw.vertices, np.stack([x, z, -y], axis=1), atol=1e-6)  # world +Z -> +Y
     assert raw.volume > 0  # a rotation keeps the winding
@@ -141,7 +141,7 @@ def test_empty_field_gives_empty_mesh():
 def test_bad_arguments_raise(sphere_mesh):
     with pytest.raises(ValueError, match=r"format='fbx'.*\('glb', 'obj', 'ply'\)"):
         mesh_bytes(sphere_mesh, "fbx")
-    with pytest.raises(ValueError, match="up='x'"):
-        to_trimesh(sphere_mesh, up="x")
+    with pytest.raises(ValueError, match="unit_size=0"):
+        to_trimesh(sphere_mesh, unit_size=0)
     with pytest.raises(ValueError, match="resolution=1"):
         extract_mesh(sphere, 1)

@@ -28,7 +28,6 @@ from export.manifest import (
 )
 from export.runtime import load_engine_components
 from export.tensorrt_engine import (
-    FIELD_POINTS,
     BackendUnavailable,
     dim_range,
     engine_cache_key,
@@ -36,6 +35,8 @@ from export.tensorrt_engine import (
     run_within,
 )
 from ln3diff_rt.checkpoint import file_sha256
+from ln3diff_rt.config import PRESETS
+from ln3diff_rt.conventions import FIELD_CHUNK, MAX_FIELD_POINTS, RAY_CHUNK
 from ln3diff_rt.pipeline import Components
 from ln3diff_rt.random_weights import random_checkpoint
 
@@ -161,7 +162,9 @@ def test_tensorrt_profiles_follow_batch_sizes():
     assert dim_range("denoiser", "batch", [1, 4]) == (1, 8, 8)  # CFG doubles the batch
     assert dim_range("decoder", "batch", [2, 4, 8]) == (2, 8, 8)
     assert dim_range("text_encoder", "batch", [2, 4]) == (1, 4, 4)  # "" alone for the uncond branch
-    assert dim_range("field", "points", [1, 4]) == FIELD_POINTS
+    assert dim_range("field", "points", [1, 4]) == (1, FIELD_CHUNK, MAX_FIELD_POINTS)  # tuned for mesh chunks
+    for cfg in PRESETS.values():  # the largest call, a chunk of preview rays, fits every preset
+        assert RAY_CHUNK * (cfg.renderer.num_samples + cfg.renderer.num_importance) <= MAX_FIELD_POINTS, cfg.preset
     inputs = [TensorSpec("x", ["batch", 3, 4, 8, 8], "float32"), TensorSpec("t", ["batch"], "float32")]
     assert optimisation_profile("denoiser", inputs, [1, 4]) == {
         "x": {"min": [1, 3, 4, 8, 8], "opt": [8, 3, 4, 8, 8], "max": [8, 3, 4, 8, 8]},
@@ -169,7 +172,7 @@ def test_tensorrt_profiles_follow_batch_sizes():
     field = optimisation_profile("field", [TensorSpec("planes", [1, 3, 32, 32, 32], "float32"),
                                            TensorSpec("points", [1, "points", 3], "float32")], [1])
     assert field["planes"]["min"] == field["planes"]["max"] == [1, 3, 32, 32, 32]
-    assert field["points"] == {"min": [1, 1, 3], "opt": [1, 2 ** 18, 3], "max": [1, 2 ** 19, 3]}
+    assert field["points"] == {"min": [1, 1, 3], "opt": [1, FIELD_CHUNK, 3], "max": [1, MAX_FIELD_POINTS, 3]}
 
 
 def test_tensorrt_cache_key_changes_with_every_field():

@@ -12,6 +12,7 @@ from conftest import TOLERANCES, check_components_match_eager, check_generate_ma
 from export.build_engine import build_engine, summary_table
 from export.manifest import read_manifest
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.text import TextEncoder
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +34,7 @@ def test_manifest_and_summary(built):
     assert manifest.backend == "aoti" and manifest.device == "cpu" and manifest.versions["torch"] == torch.__version__
     text = manifest.entry("text_encoder")
     assert text.backend == "eager" and text.file is None
-    assert engine.components.text_encoder is not None
+    assert isinstance(engine.components.text_encoder, TextEncoder)  # the eager module, as the manifest says
     for name in ("denoiser", "decoder", "field"):
         entry = manifest.entry(name)
         assert entry.file == f"{name}.pt2" and (engine_dir / entry.file).is_file()

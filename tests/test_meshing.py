@@ -107,10 +107,13 @@ def test_y_up_and_unit_size():
     assert extents[2] > extents[0]  # world Y (0.4) -> glTF Z, world X (0.3) stays X
 
 
-def test_decimation_reaches_budget_and_resamples_colors():
+def test_decimation_reaches_budget_and_resamples_colors(sphere_mesh):
     m = extract_mesh(sphere, RES, color_fn=position_color, faces=2000)
-    assert 0.9 * 2000 <= len(m.faces) <= 2000
-    assert m.stats["seconds"]["decimate"] >= 0
+    assert 0.9 * 2000 <= len(m.faces) <= 2000 < len(sphere_mesh.faces)
+    assert list(m.stats["seconds"]) == ["density", "marching_cubes", "decimate", "color"]  # each stage timed
+    assert "decimate" not in sphere_mesh.stats["seconds"]  # no budget: no decimation
+    within = extract_mesh(sphere, RES, faces=len(sphere_mesh.faces))  # a budget the mesh already meets
+    assert "decimate" not in within.stats["seconds"] and np.array_equal(within.faces, sphere_mesh.faces)
     expected = np.round((m.vertices * 0.5 + 0.5) * 255)
     assert np.abs(m.vertex_colors[:, :3] - expected).max() <= 1
     assert trimesh.Trimesh(m.vertices, m.faces, process=False).volume > 0

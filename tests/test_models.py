@@ -1,5 +1,7 @@
 """Shapes for every preset, gradient flow through the VAE, DiT behaviour."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -10,6 +12,15 @@ from ln3diff_rt.models.layers import patchify, unpatchify
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.presets import describe
 from ln3diff_rt.rendering import render_rays
+
+PROJECT_PRESETS = sorted(name for name, cfg in PRESETS.items() if not cfg.is_official)  # built from models/
+
+
+def _count_tokens(dit: DiT) -> list[int]:
+    """Filled with the sequence length the DiT's blocks see, on each forward."""
+    seen = []
+    dit.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    return seen
 
 
 def _forward_shapes(cfg, batch):
@@ -22,34 +33,68 @@ def _forward_shapes(cfg, batch):
     mean, logvar = vae.encode(images, c2w, intrinsics, depth)
     planes = vae.decode(mean)
     context = torch.randn(batch, cfg.dit.context_len, cfg.dit.context_dim)
+    tokens = _count_tokens(dit)
     v = dit(mean, torch.rand(batch), context, torch.randn(batch, cfg.dit.context_dim))
     out = render_rays(vae.field, planes, torch.randn(batch, 5, 3), torch.randn(batch, 5, 3), cfg.renderer)
-    return mean, logvar, planes, v, out
+    return mean, logvar, planes, v, out, tokens
 
 
-@pytest.mark.parametrize("name", sorted(PRESETS))
+@pytest.mark.parametrize("name", PROJECT_PRESETS)
 def test_preset_shapes(name):
     cfg = get_preset(name)
     device = "cpu" if name == "tiny" else "meta"  # large presets cost no memory on the meta device
     with torch.device(device):
-        mean, logvar, planes, v, out = _forward_shapes(cfg, batch=2)
+        mean, logvar, planes, v, out, tokens = _forward_shapes(cfg, batch=2)
     assert mean.shape == logvar.shape == (2, *cfg.latent_shape)
     assert planes.shape == (2, *cfg.triplane_shape)
     assert v.shape == mean.shape
     assert out.rgb.shape == (2, 5, 3) and out.depth.shape == (2, 5)
+    assert tokens == [describe(cfg)["dit_tokens"]]  # the presets table counts the tokens the DiT sees
 
 
-def test_paper_preset_follows_published_scale():
+def test_paper_preset_has_the_published_shapes():
+    """LN3Diff's Objaverse text-to-3D scale: 256^2 views of RGB + Plücker + depth (10 channels), latent
+    [3, 4, 32, 32] (f = 8), a DiT-L/2 over 768 tokens with CLIP ViT-L/14 text (77 x 768), tri-planes 3 x 32 x 256^2."""
     cfg = get_preset("paper")
-    assert cfg.latent_shape == (3, 4, 32, 32)
-    assert (cfg.dit.depth, cfg.dit.heads, cfg.dit.width, cfg.dit.patch_size) == (24, 16, 1024, 2)
-    assert (cfg.decoder.depth, cfg.decoder.heads, cfg.decoder.width) == (24, 16, 1024)
-    assert cfg.encoder.image_size == 256 and cfg.encoder.downsample == 8 and cfg.encoder.in_channels == 10
-    assert cfg.triplane_shape == (3, 32, 256, 256)
-    assert cfg.dit.context_dim == 768 and cfg.latent_scale == pytest.approx(0.96806)
-    info = describe(cfg)
-    assert info["dit_tokens"] == 768
-    assert 450e6 < info["dit"] < 650e6  # DiT-L/2 (458M) plus cross-attention to text
+    views = cfg.encoder.num_views
+    with torch.device("meta"):
+        vae, dit = TriplaneVAE(cfg), DiT(cfg)
+        c2w = torch.stack([orbit_camera(360.0 * i / views, 20.0, 4.0) for i in range(views)])[None]
+        intrinsics = intrinsics_from_fov(0.9, 256, 256).expand(1, views, 4)
+        mean, _ = vae.encode(torch.rand(1, views, 3, 256, 256), c2w, intrinsics, torch.rand(1, views, 1, 256, 256))
+        planes = vae.decode(mean)
+        tokens = _count_tokens(dit)
+        v = dit(mean, torch.rand(1), torch.randn(1, 77, 768), torch.randn(1, 768))
+    assert vae.encoder.stem.in_channels == 10
+    assert mean.shape == v.shape == (1, 3, 4, 32, 32)
+    assert planes.shape == (1, 3, 32, 256, 256)
+    assert tokens == [768]
+    assert 450e6 < describe(cfg)["dit"] < 650e6  # DiT-L/2 (458M) plus cross-attention to text
+
+
+def dit_parameters(cfg) -> int:
+    """A text-only DiT's parameter count from its config alone: DiT's adaLN-Zero blocks plus cross-attention to text."""
+    d, w = cfg.dit, cfg.dit.width
+    assert d.image_dim == 0, "image conditioning adds modules this count leaves out"
+
+    def linear(fan_in: int, fan_out: int) -> int:
+        return fan_in * fan_out + fan_out
+
+    patch = cfg.latent_channels * d.patch_size ** 2
+    hidden = int(w * d.mlp_ratio)
+    self_attention = linear(w, w) + linear(w, 2 * w) + linear(w, w)  # q, kv, out
+    cross_attention = linear(w, w) + linear(d.context_dim, 2 * w) + linear(w, w)
+    block = self_attention + 2 * w + cross_attention + linear(w, hidden) + linear(hidden, w) + linear(w, 6 * w)
+    inputs = linear(patch, w) + linear(256, w) + linear(w, w) + linear(d.context_dim, w) + linear(w, w)  # x, t, text
+    return inputs + d.depth * block + linear(w, 2 * w) + linear(w, patch)
+
+
+@pytest.mark.parametrize("name", PROJECT_PRESETS)
+def test_dit_parameters_follow_the_config(name):
+    cfg = get_preset(name)
+    assert describe(cfg)["dit"] == dit_parameters(cfg)
+    other = cfg.replace(dit=dataclasses.replace(cfg.dit, depth=2, mlp_ratio=2.0, context_dim=512))
+    assert describe(other)["dit"] == dit_parameters(other)  # every field reaches the modules
 
 
 def test_patchify_roundtrip_odd_channels():

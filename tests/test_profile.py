@@ -19,7 +19,7 @@ def test_profile_shipped_model_has_every_stage_and_adds_up():
         assert 0 < s["median"] <= s["p90"]
     e2e = result["end_to_end"]["median"]
     assert abs(result["stage_sum_median"] - e2e) < 0.1 * e2e
-    assert result["peak_memory_mb"] > 0
+    assert 100 < result["peak_memory_mb"] < 64 * 1024  # MiB: a process with torch and a model holds a few hundred
     assert "end to end" in format_table(result)
 
 

@@ -205,13 +205,11 @@ def extract_mesh(density_fn: DensityFn, resolution: int = 256, threshold: float 
 
     stride = coarse_stride(resolution, coarse_resolution)
     seconds: dict[str, float] = {}
-    stats = {"resolution": resolution, "coarse_stride": stride, "dense_evaluations": resolution ** 3,
-             "seconds": seconds}
+    stats = {"resolution": resolution, "coarse_stride": stride, "seconds": seconds}
     t0 = time.perf_counter()
     volume, evaluations = sample_density_grid(density_fn, resolution, threshold, bound, stride, chunk)
     seconds["density"] = time.perf_counter() - t0
     stats["evaluations"] = evaluations
-    stats["evaluation_ratio"] = evaluations / resolution ** 3
     if not volume.min() < threshold < volume.max():
         return _empty_result(stats)
 

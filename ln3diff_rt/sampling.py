@@ -85,10 +85,9 @@ def sample(model: VelocityFn, noise: torch.Tensor, cond: Condition, uncond: Cond
     return x
 
 
-def logit_normal_t(batch: int, mean: float = 0.0, std: float = 1.0, device=None,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training times t = sigmoid(N(mean, std)): most weight on the middle of the path (SD3)."""
-    return torch.sigmoid(mean + std * torch.randn(batch, device=device, generator=generator))
+def logit_normal_t(batch: int, device=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training times t = sigmoid(N(0, 1)): most weight on the middle of the path (SD3's logit-normal, m = 0, s = 1)."""
+    return torch.sigmoid(torch.randn(batch, device=device, generator=generator))
 
 
 def flow_matching_loss(model: VelocityFn, z0: torch.Tensor, cond: Condition,

@@ -23,9 +23,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ln3diff_rt.backends import BACKENDS
+from ln3diff_rt.config import PRESETS
+from ln3diff_rt.images import read_image
 from ln3diff_rt.options import GenerationOptions, InvalidOption, add_option_flags, flag_name, options_from_args
 from ln3diff_rt.pipeline import Components, Generator
 from ln3diff_rt.runner import BATCH_STAGES, Request, run
@@ -33,7 +36,7 @@ from ln3diff_rt.sampling import Condition
 from ln3diff_rt.timing import StageClock
 
 # The README's profile: 2 turntable frames of 96 px (8 of 128 px would dominate a CPU request).
-PROFILE_DEFAULTS = GenerationOptions(preview_views=2, preview_size=96)
+PROFILE_OVERRIDES = {"preview_views": 2, "preview_size": 96}
 
 
 def random_weight_generator(preset: str, device: str, seed: int = 0) -> Generator:
@@ -63,6 +66,8 @@ class Workload:
     batch_size: int
     options: GenerationOptions
     mesh: bool = True
+    image: np.ndarray | None = None  # RGBA condition image for every object (image-conditioned models)
+    prompt: bool = True  # False: image only (the published image model takes no prompt)
 
 
 def profile_request(gen: Generator, work: Workload, clock: StageClock, seed: int) -> float:
@@ -72,8 +77,8 @@ def profile_request(gen: Generator, work: Workload, clock: StageClock, seed: int
     is the sampling total minus the later steps), meshing into its field queries and the rest
     (marching cubes, decimation, colours). Per-object stages add up over the batch.
     """
-    requests = [Request(f"a red cube {i}", seed + i, work.options, ("glb",) if work.mesh else (), work.mesh)
-                for i in range(work.batch_size)]
+    requests = [Request(f"a red cube {i}" if work.prompt else "", seed + i, work.options,
+                        ("glb",) if work.mesh else (), work.mesh, work.image) for i in range(work.batch_size)]
     step_ends = []
 
     def on_progress(stage: str, done: int, total: int, index: int | None) -> None:
@@ -168,14 +173,15 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     source = p.add_mutually_exclusive_group()
     source.add_argument("--ckpt", default=None, help="checkpoint to profile (default: the shipped model)")
-    source.add_argument("--preset", choices=["tiny", "base", "paper"], help="random weights at this preset's size")
+    source.add_argument("--preset", choices=list(PRESETS), help="random weights at this preset's size")
     p.add_argument("--backend", default="eager", choices=list(BACKENDS), help="backend to profile (default: eager)")
     p.add_argument("--engine", default=None, help="engine directory for aoti/onnx/tensorrt")
     p.add_argument("--compare", default=None, help="comma-separated backends run on the same workload, with ratios")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (default: 1)")
-    add_option_flags(p, PROFILE_DEFAULTS)
+    add_option_flags(p, GenerationOptions().replace(**PROFILE_OVERRIDES))
     p.add_argument("--no-mesh", action="store_true", help="skip mesh extraction and export")
+    p.add_argument("--image", default=None, help="condition image for every object (image-conditioned models)")
     p.add_argument("--repeats", type=int, default=5, help="timed runs (default: 5)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
     p.add_argument("--json", default=None, help="write all results here")
@@ -187,17 +193,20 @@ def main(argv: list[str] | None = None) -> int:
         for b in backends:
             if b not in BACKENDS:
                 raise ValueError(f"--compare: unknown backend {b!r}; expected some of {', '.join(BACKENDS)}")
-        options = options_from_args(args, PROFILE_DEFAULTS)
+        options_from_args(args)  # bad flags fail before any model is loaded
+        image = read_image(args.image) if args.image else None
         results = []
         for backend in backends:
             gen = build_generator(args, backend)
+            options = options_from_args(args, gen.default_options().replace(**PROFILE_OVERRIDES))
             for batch in batches:
-                work = Workload(batch, options, mesh=not args.no_mesh)
+                work = Workload(batch, options, not args.no_mesh, image, not gen.config.image_only)
                 result = profile(gen, work, args.repeats, args.warmup)
                 results.append(result)
                 print(format_table(result), end="\n\n")
             if args.trace and backend == backends[0]:
-                write_trace(gen, Workload(batches[0], options, mesh=not args.no_mesh), args.trace)
+                write_trace(gen, Workload(batches[0], options, not args.no_mesh, image, not gen.config.image_only),
+                            args.trace)
                 print(f"wrote trace {args.trace}")
     except InvalidOption as e:
         print(f"ln3diff_rt.profile: error: {flag_name(e.field)}={e.value!r}: expected {e.expected}", file=sys.stderr)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ln3diff_rt.conventions import PLANE_AXES
-from ln3diff_rt.rendering import TriplaneField
+from ln3diff_rt.models.field import TriplaneField
 
 
 class ProjectedTriplaneField(nn.Module):

@@ -27,7 +27,7 @@ from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
 from ln3diff_rt.official.flow import sample_flow
 from ln3diff_rt.options import GenerationOptions, InvalidOption
-from ln3diff_rt.rendering import occupancy_grid, render_chunked
+from ln3diff_rt.rendering import FieldFn, occupancy_grid, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
 
@@ -43,7 +43,6 @@ SAMPLING: dict[str, tuple[Callable[..., torch.Tensor], tuple[str, ...]]] = {
     "eps": (lambda *a, shift, **k: sample_ddpm(*a, **k), DDPM_SAMPLERS),  # the DDPM schedule has no shift
     "flow-data": (sample_flow, ("euler", "heun")),
 }
-FieldFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # planes, points -> density, rgb
 
 
 @dataclass
@@ -59,14 +58,16 @@ class Components:
     image_encoder: Callable[[torch.Tensor], torch.Tensor | Condition] | None = None
 
 
-def eager_components(models: Models, device: str, text_encoder: str | None = None) -> Components:
+def eager_components(models: Models, device: str, text_encoder: str | None = None,
+                     image_encoders: tuple[str, str] | None = None) -> Components:
     """The checkpoint's own modules; `text_encoder` (a local directory or a cached Hugging Face id) replaces
-    the one its config names."""
+    the one its config names, and `image_encoders` (CLIP, DINOv2; the same kinds of name) the published image
+    model's."""
     cfg = models.config
     if cfg.image_only:  # the published image model: no prompt, CLIP + DINOv2 image tokens
         from ln3diff_rt.official.image import OfficialImageConditioner
 
-        image = OfficialImageConditioner(*cfg.image_encoders).to(device)
+        image = OfficialImageConditioner(*(image_encoders or cfg.image_encoders)).to(device)
         return Components(_no_text(cfg.preset), models.dit, models.vae.decode, models.vae.field, image)
     text = TextEncoder(text_encoder or cfg.text_encoder, cfg.dit.context_len).to(device)
     return Components(text, models.dit, models.vae.decode, models.vae.field, models.image_encoder)
@@ -121,12 +122,13 @@ class Generator:
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu", backend: str = "eager",
                         engine_dir: str | Path | None = None, text_cache_size: int = TEXT_CACHE_SIZE,
-                        text_encoder: str | None = None) -> Generator:
+                        text_encoder: str | None = None, image_encoders: tuple[str, str] | None = None
+                        ) -> Generator:
         """Load a checkpoint (default: the shipped tiny model) and build the chosen backend."""
         chosen = get_backend(backend)
         path = Path(path) if path else DEFAULT_CHECKPOINT
         models = load_models(path, device, require=("vae", "dit"))
-        components = eager_components(models, device, text_encoder)
+        components = eager_components(models, device, text_encoder, image_encoders)
         if chosen.components is not None:
             components = chosen.resolve("components")(eager=components, backend=backend, device=device,
                                                       engine_dir=engine_dir, ckpt_path=path)

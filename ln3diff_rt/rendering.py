@@ -1,38 +1,25 @@
-"""Tri-plane field and volume rendering: stratified + importance samples, alpha compositing.
+"""Volume rendering of a tri-plane field: stratified + importance samples, alpha compositing.
 
-The field is the official LN3Diff head: summed tri-plane features -> MLP 32 -> 64 -> 4,
-density softplus(sigma - 1), colour sigmoid. Rays are marched inside the box [-1, 1]^3.
+The field (`models.field.TriplaneField` or a published model's) gives density and colour at
+points; rays are marched inside the box [-1, 1]^3.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from kernels import composite_rays, triplane_sample
+from kernels import composite_rays
 from kernels.occupancy import build_occupancy_grid, occupied_box, occupied_samples
 from ln3diff_rt.cameras import ray_aabb_intersect, ray_box_intersect
 from ln3diff_rt.config import RendererConfig
 from ln3diff_rt.conventions import RAY_CHUNK
 
-
-class TriplaneField(nn.Module):
-    """Density and colour of a tri-plane at points in [-1, 1]^3."""
-
-    def __init__(self, triplane_channels: int, cfg: RendererConfig):
-        super().__init__()
-        self.density_bias = cfg.density_bias
-        self.mlp = nn.Sequential(nn.Linear(triplane_channels, cfg.hidden), nn.Softplus(), nn.Linear(cfg.hidden, 4))
-
-    def forward(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """planes [B, 3, C, R, R], points [B, N, 3] -> density [B, N], rgb [B, N, 3]."""
-        raw = self.mlp(triplane_sample(planes, points))
-        density = F.softplus(raw[..., 0] + self.density_bias)
-        rgb = torch.sigmoid(raw[..., 1:])
-        return density, rgb
+# planes [B, 3, C, R, R], points [B, N, 3] -> density [B, N], rgb [B, N, 3]
+FieldFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -100,7 +87,7 @@ def _composite(density, rgb, t, far):
                           deltas.reshape(b * n, s))
 
 
-def render_rays(field: TriplaneField, planes: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor,
+def render_rays(field: FieldFn, planes: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor,
                 cfg: RendererConfig, perturb: bool = False, generator: torch.Generator | None = None,
                 bound: float = 1.0, occupancy: torch.Tensor | None = None) -> RenderOutput:
     """Render rays origins/dirs [B, N, 3] (unit dirs) through tri-planes [B, 3, C, R, R].
@@ -158,7 +145,7 @@ def _march(field, planes, origins, dirs, near, far, cfg: RendererConfig, perturb
     return RenderOutput(rgb.reshape(b, n, 3), depth.reshape(b, n), opacity.reshape(b, n))
 
 
-def render_chunked(field: TriplaneField, planes: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor,
+def render_chunked(field: FieldFn, planes: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor,
                    cfg: RendererConfig, chunk: int = RAY_CHUNK, occupancy: torch.Tensor | None = None) -> RenderOutput:
     """Inference rendering of many rays [B, N, 3] in chunks to bound memory."""
     parts = [render_rays(field, planes, origins[:, i:i + chunk], dirs[:, i:i + chunk], cfg, occupancy=occupancy)

@@ -47,7 +47,7 @@ def test_projected_field_is_the_same_maths():
     """The gather form AOTInductor compiles on CPUs against the reference field: odd sizes, points outside."""
     from export.field import ProjectedTriplaneField
     from ln3diff_rt.config import RendererConfig
-    from ln3diff_rt.rendering import TriplaneField
+    from ln3diff_rt.models.field import TriplaneField
 
     torch.manual_seed(0)
     field = TriplaneField(7, RendererConfig(hidden=13)).eval()

@@ -7,7 +7,8 @@ import torch
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.config import RendererConfig
-from ln3diff_rt.rendering import TriplaneField, importance_t, occupancy_grid, render_rays
+from ln3diff_rt.models.field import TriplaneField
+from ln3diff_rt.rendering import importance_t, occupancy_grid, render_rays
 
 RADIUS = 0.6
 

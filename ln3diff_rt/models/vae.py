@@ -9,7 +9,7 @@ from ln3diff_rt.cameras import camera_rays, plucker_rays
 from ln3diff_rt.config import ModelConfig
 from ln3diff_rt.models.decoder import Decoder
 from ln3diff_rt.models.encoder import Encoder
-from ln3diff_rt.rendering import TriplaneField
+from ln3diff_rt.models.field import TriplaneField
 
 
 def encoder_input(images: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor,

@@ -25,6 +25,7 @@ from ln3diff_rt.options import (
 )
 
 USAGE_ERROR = 2
+INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
 DEFAULT_CHECKPOINT_NAME = "ln3diff-tiny.safetensors"
 
 
@@ -75,7 +76,7 @@ def generate(args: argparse.Namespace) -> int:
 
     from ln3diff_rt.images import read_image
     from ln3diff_rt.options import resolve_seed
-    from ln3diff_rt.outputs import write_result
+    from ln3diff_rt.outputs import check_out_dir, write_result
     from ln3diff_rt.pipeline import Generator
     from ln3diff_rt.runner import Request, run
 
@@ -90,6 +91,7 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"{len(args.prompts)} prompts and {len(args.image)} images: give as many of each (prompt "
                          "i goes with image i), or only prompts, or only images")
     images = [read_image(path) for path in args.image]  # unreadable files fail here, named, before the model loads
+    check_out_dir(args.out)
     count = max(len(args.prompts), len(images))
     prompts, images = args.prompts or [""] * count, images or [None] * count
     names = args.prompts or [Path(path).stem for path in args.image]
@@ -110,8 +112,13 @@ def generate(args: argparse.Namespace) -> int:
     options = options_from_args(args, generator.default_options())  # unset flags take the model's defaults
     seeds = [first + i for i in range(count)]
     bars: dict[str, tqdm] = {}
+    tty = sys.stderr.isatty()  # bars on a terminal; in a file or a pipe, one line per batch stage
 
     def progress(stage: str, done: int, total: int, index: int | None) -> None:
+        if not tty:
+            if index is None and (done == 0 or (stage == "sample" and done == total)):
+                print(f"{stage} {done}/{total}", file=sys.stderr, flush=True)
+            return
         if index is not None:  # per-object stages: one bar counting finished objects
             stage, done, total = "objects", index + (done == total), count
         bar = bars.get(stage) or bars.setdefault(stage, tqdm(total=total, desc=stage, leave=False))
@@ -120,18 +127,25 @@ def generate(args: argparse.Namespace) -> int:
 
     requests = [Request(p, s, options, (args.format,), image=image)
                 for p, s, image in zip(prompts, seeds, images, strict=True)]
-    for result in run(generator, requests, progress=progress):
-        paths = write_result(result, args.out, names[result.index])
-        stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
-        tqdm.write(f"{names[result.index]!r} (seed {result.seed}): {stages}")
-        if result.mesh is None or result.mesh.empty:
-            tqdm.write("  no surface found at the density threshold: no mesh written (try another seed)")
-        else:
-            tqdm.write(f"  mesh: {len(result.mesh.vertices)} vertices, {len(result.mesh.faces)} faces")
-        for p in paths:
-            tqdm.write(f"  wrote {p}")
-    for bar in bars.values():
-        bar.close()
+    done = 0
+    try:
+        for result in run(generator, requests, progress=progress):  # each object is written as soon as it is made
+            paths = write_result(result, args.out, names[result.index])
+            done += 1
+            stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
+            tqdm.write(f"{names[result.index]!r} (seed {result.seed}): {stages}")
+            if result.mesh is None or result.mesh.empty:
+                tqdm.write("  no surface found at the density threshold: no mesh written (try another seed)")
+            else:
+                tqdm.write(f"  mesh: {len(result.mesh.vertices)} vertices, {len(result.mesh.faces)} faces")
+            for p in paths:
+                tqdm.write(f"  wrote {p}")
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: {done} of {count} objects written to {args.out}", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        for bar in bars.values():
+            bar.close()
     print(f"model load {load_s:.2f}s, total {time.perf_counter() - start:.2f}s")
     return 0
 
@@ -161,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return convert(args) if args.command == "convert" else generate(args)
+    except KeyboardInterrupt:
+        print(f"\nln3diff {args.command}: interrupted", file=sys.stderr)
+        return INTERRUPTED
     except InvalidOption as e:
         print(f"ln3diff {args.command}: error: {flag_name(e.field)}={e.value!r}: expected {e.expected}",
               file=sys.stderr)

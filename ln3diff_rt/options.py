@@ -77,6 +77,11 @@ class GenerationOptions:
     preview_views: int = _option(8, "turntable preview frames, 0 for none; on a CPU most of a request", lo=0,
                                  hi=120, flag="views")
     preview_size: int = _option(128, "preview frame size in pixels", lo=16, hi=1024)
+    height: float = _option(0.0, "the asset's height in metres; 0 takes it from the prompt's size word (tiny 0.25, "
+                                 "small 0.5, medium 1, large 2, huge 4) or else makes the longest side 1 m",
+                            lo=0.0, hi=1000.0)
+    pivot: str = _option("bottom", "the asset's origin: bottom centre (props stand on the floor) or box centre",
+                         choices=("bottom", "center"))
 
     def validate(self, bounds: Mapping[str, tuple[float | None, float | None]] | None = None) -> GenerationOptions:
         """Raise InvalidOption naming the first bad field; `bounds` (field -> (lo, hi)) tightens the specs."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ln3diff_rt.mesh_export import FORMATS, mesh_bytes
+from ln3diff_rt.mesh_export import FORMATS, Placement, mesh_bytes, placement_for
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import GenerationOptions, InvalidOption
 from ln3diff_rt.pipeline import Generator
@@ -76,6 +76,7 @@ class GenerationResult:
     exports: dict[str, bytes]  # format -> file bytes (none when the mesh is empty or no format was asked)
     previews: list[np.ndarray]  # [H, W, 3] uint8 turntable frames
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; batch stages shared
+    placement: Placement | None = None  # how the exported meshes were sized and placed
 
     @property
     def prompt(self) -> str:
@@ -147,6 +148,7 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
             return gen.components.field(planes, points)
 
     options = request.options
+    placement = placement_for(request.prompt, options.height, options.pivot)
     mesh_result, exports, previews = None, {}, []
     if request.mesh:
         still_wanted()
@@ -158,7 +160,11 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
             still_wanted()
             emit("export", 0, 1, i)
             with clock.time("export"):
-                exports = {fmt: mesh_bytes(mesh_result, fmt) for fmt in request.formats}
+                extras = {"prompt": request.prompt, "seed": request.seed, "steps": options.steps,
+                          "guidance": options.guidance, "sampler": options.sampler,
+                          "model": gen.config.preset, "checkpoint": gen.models.path.name}
+                exports = {fmt: mesh_bytes(mesh_result, fmt, placement, request.prompt, extras)
+                           for fmt in request.formats}
             emit("export", 1, 1, i)
     if options.preview_views:
         still_wanted()
@@ -166,7 +172,8 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
         with clock.time("preview"):
             previews = gen.render_previews(planes, options, on_view=still_wanted)
         emit("preview", 1, 1, i)
-    return GenerationResult(request, i, latent.cpu(), planes.cpu(), mesh_result, exports, previews, clock.times)
+    return GenerationResult(request, i, latent.cpu(), planes.cpu(), mesh_result, exports, previews, clock.times,
+                            placement)
 
 
 def generate(gen: Generator, prompts: list[str], seeds: list[int], options: GenerationOptions | None = None,

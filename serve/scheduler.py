@@ -189,7 +189,7 @@ def _output(result: GenerationResult, timings: dict[str, float], batch_size: int
     empty = mesh is None or mesh.empty
     bounds = None
     if not empty:
-        lo, hi = to_trimesh(mesh).bounds
+        lo, hi = to_trimesh(mesh, result.placement).bounds
         bounds = ([float(v) for v in lo], [float(v) for v in hi])
     meshes = [(fmt, data, hashlib.sha256(data).hexdigest()) for fmt, data in result.exports.items()]
     return Output(meshes, [_png(frame) for frame in result.previews], mesh is not None and mesh.empty,

@@ -1,5 +1,6 @@
 """End to end on the shipped model: prompt -> GLB that engines import; reproducible; CLI errors are one line."""
 
+import io
 import subprocess
 import sys
 
@@ -42,7 +43,8 @@ def test_glb_for_a_prompt_loads_back_with_vertices_faces_colours(generator, tmp_
     assert red > green + 30 and red > blue + 30  # "a red cube" is red
     extent = mesh.bounds[1] - mesh.bounds[0]
     assert extent.max() == pytest.approx(1.0, abs=1e-3)  # longest side 1 m
-    assert np.allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-3)  # centred
+    lo, hi = mesh.bounds
+    assert abs(lo[1]) < 1e-6 and np.allclose((lo + hi)[[0, 2]] / 2, 0.0, atol=1e-3)  # pivot at the bottom centre
     assert len(result.previews) == 2 and result.previews[0].shape == (32, 32, 3)
     assert set(result.timings) >= {"encode_text", "sample", "decode", "mesh", "preview"}
 
@@ -104,11 +106,13 @@ def test_cli_unreadable_checkpoint_without_traceback(tmp_path):
     assert "broken.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# sha256 of the GLB bytes and of the first preview frame, written by the request path as it stood before the
-# runner refactor (issue 15, at fddaf98). One torch thread (conftest): other thread counts reorder float sums.
-PINNED = {"a red cube": ("703f656b21d54bd76389eaabb585853a535caf3c17cbafb5b18ca98ea2ab797a",
+# sha256 of the GLB bytes and of the first preview frame. The previews are those of the request path before the
+# runner refactor (issue 15, at fddaf98: it was byte-identical after it); the GLBs changed on purpose once since,
+# when assets got a bottom-centre pivot, size words, the prompt as the object's name and extras (issue 16).
+# One torch thread (conftest): other thread counts reorder float sums.
+PINNED = {"a red cube": ("46943e315f9542b374b2f6d32cd558d1139f8ba4a335db2889c5c1176b60daa7",
                          "4f5434e32008237c427c098b7097711974575381b80802a6ed5a54ad9f2be0cf"),
-          "a small blue torus": ("2780787973a0f49bee1d79775151abc00d209f500b32ce6e391c0eda428ce346",
+          "a small blue torus": ("3f288486f3a7277799cfb30684cb083ce27325be3d38fb721a298f6e9e14c784",
                                  "50b7b42ffd3a7a2d02f9feff4d353697e56e77db802a44d64362f83662c70f90")}
 
 
@@ -158,3 +162,39 @@ def test_prompts_that_slugify_alike_get_distinct_files():
     assert slug("a red cube", 7) == "a-red-cube_s7"  # plain prompts keep their readable names
     names = {slug(p, 0) for p in ("红色的立方体", "蓝色的球体", "a red cube!", "a red cube?", "x" * 70, "x" * 71)}
     assert len(names) == 6
+
+
+def glb_json(data: bytes) -> dict:
+    import json
+    import struct
+
+    length = struct.unpack("<I", data[12:16])[0]
+    return json.loads(data[20:20 + length])
+
+
+@pytest.mark.parametrize("prompt,options,height", [
+    ("a small red cube", {}, 0.5),  # the size word
+    ("a large red cube", {}, 2.0),
+    ("a large red cube", {"height": 0.3}, 0.3),  # a given height wins
+])
+def test_assets_take_their_size_from_the_prompt_or_the_height_option(generator, prompt, options, height):
+    opts = FAST.replace(preview_views=0, **options)
+    result = generate(generator, [prompt], [1], opts, formats=("glb", "ply"))[0]
+    glb = trimesh.load(io.BytesIO(result.exports["glb"]), file_type="glb", force="mesh")
+    assert glb.extents[1] == pytest.approx(height, rel=1e-4) and abs(glb.bounds[0][1]) < 1e-6  # Y-up, on the floor
+    ply = trimesh.load(io.BytesIO(result.exports["ply"]), file_type="ply", process=False)
+    assert ply.extents[2] == pytest.approx(height, rel=1e-4) and abs(ply.bounds[0][2]) < 1e-6  # Z-up, as Blender reads
+    record = glb_json(result.exports["glb"])
+    assert record["nodes"][0]["name"] == prompt and record["meshes"][0]["name"] == prompt
+    extras = record["scenes"][0]["extras"]["ln3diff"]
+    assert extras["prompt"] == prompt and extras["seed"] == 1 and extras["pivot"] == "bottom"
+    assert extras["height_m"] == pytest.approx(height, rel=1e-3) and extras["size_source"] != "default"
+
+
+def test_pivot_center_and_the_one_metre_default(generator):
+    result = generate(generator, ["a red cube"], [1], FAST.replace(preview_views=0, pivot="center"),
+                      formats=("obj",))[0]
+    obj = trimesh.load(io.BytesIO(result.exports["obj"]), file_type="obj", force="mesh", process=False)
+    assert obj.extents.max() == pytest.approx(1.0, rel=1e-4)
+    assert np.allclose(obj.bounds.mean(axis=0), 0.0, atol=1e-4)
+    assert result.exports["obj"].startswith(b"o a red cube\n")

@@ -8,7 +8,7 @@ import torch
 import trimesh
 from scipy.spatial import cKDTree
 
-from ln3diff_rt.mesh_export import FORMATS, export_mesh, mesh_bytes, to_trimesh
+from ln3diff_rt.mesh_export import FORMATS, Placement, export_mesh, mesh_bytes, to_trimesh
 from ln3diff_rt.meshing import extract_mesh
 
 RES = 96
@@ -93,9 +93,9 @@ def test_export_loads_back_with_colors(sphere_mesh, fmt, tmp_path):
     assert export_mesh(sphere_mesh, buffer, format=fmt) == written
 
 
-def test_y_up_and_unit_size():
+def test_y_up_longest_side_and_bottom_pivot():
     m = extract_mesh(tall_ellipsoid, RES, color_fn=position_color)
-    raw = to_trimesh(m, unit_size=None)
+    raw = to_trimesh(m, placement=None)
     x, y, z = m.vertices.T
     assert np.allclose(raw.vertices, np.stack([x, z, -y], axis=1), atol=1e-6)  # world +Z -> +Y
     assert raw.volume > 0  # a rotation keeps the winding
@@ -103,7 +103,8 @@ def test_y_up_and_unit_size():
     extents = asset.extents
     assert np.argmax(extents) == 1  # long along Y, as it was along world Z
     assert extents.max() == pytest.approx(1.0, abs=1e-5)
-    assert np.allclose(asset.bounds.mean(axis=0), 0.0, atol=1e-5)
+    lo, hi = asset.bounds
+    assert abs(lo[1]) < 1e-6 and np.allclose((lo + hi)[[0, 2]], 0.0, atol=1e-5)  # bottom centre at the origin
     assert extents[2] > extents[0]  # world Y (0.4) -> glTF Z, world X (0.3) stays X
 
 
@@ -144,7 +145,9 @@ def test_empty_field_gives_empty_mesh():
 def test_bad_arguments_raise(sphere_mesh):
     with pytest.raises(ValueError, match=r"format='fbx'.*\('glb', 'obj', 'ply'\)"):
         mesh_bytes(sphere_mesh, "fbx")
-    with pytest.raises(ValueError, match="unit_size=0"):
-        to_trimesh(sphere_mesh, unit_size=0)
+    with pytest.raises(ValueError, match="height=0"):
+        to_trimesh(sphere_mesh, Placement(height=0))
+    with pytest.raises(ValueError, match="pivot='top'"):
+        Placement(pivot="top")
     with pytest.raises(ValueError, match="resolution=1"):
         extract_mesh(sphere, 1)

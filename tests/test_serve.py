@@ -125,7 +125,8 @@ def test_generate_returns_a_glb_that_trimesh_loads(client):
     assert trimesh.load(io.BytesIO(gen.meshes["ply"]), file_type="ply").vertices.shape[0] == r.vertex_count
     assert [m.format for m in r.meshes] == ["glb", "ply"]
     assert len(gen.previews) == r.preview_count == 1 and gen.previews[0].startswith(b"\x89PNG")
-    assert list(r.bounding_box.max) == pytest.approx([0.5, 0.5, 0.5], abs=0.01)
+    assert list(r.bounding_box.max) == pytest.approx([0.5, 1.0, 0.5], abs=0.01)  # a 1 m cube on the floor
+    assert list(r.bounding_box.min) == pytest.approx([-0.5, 0.0, -0.5], abs=0.01)
     assert stages[0][0] == "queued"
     assert [e for e in stages if e[0] == "sample"] == [("sample", 1, 2), ("sample", 2, 2)]
     assert {"sample", "decode", "mesh", "export", "preview", "total"} <= set(r.timings)

@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", default=None,
                    help="text encoder: a local transformers directory or a Hugging Face id already in the local "
                         "cache (default: the one the checkpoint names; nothing is downloaded)")
+    g.add_argument("--image-encoders", nargs=2, default=None, metavar=("CLIP", "DINO"),
+                   help="the published image model's encoders: CLIP ViT-L/14 and DINOv2-with-registers ViT-L/14, "
+                        "each a local directory or a cached Hugging Face id (default: the ones the checkpoint names)")
     c = sub.add_parser("convert", help="a published LN3Diff checkpoint -> this runtime's checkpoint format",
                        description="Convert a released LN3Diff joint model (Hugging Face yslan/LN3Diff, "
                                    "downloaded by you) strictly: every key is loaded or dropped by name, anything "
@@ -107,7 +110,8 @@ def generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     generator = Generator.from_checkpoint(args.ckpt, device=args.device, backend=args.backend,
-                                          engine_dir=args.engine, text_encoder=args.text_encoder)
+                                          engine_dir=args.engine, text_encoder=args.text_encoder,
+                                          image_encoders=tuple(args.image_encoders) if args.image_encoders else None)
     load_s = time.perf_counter() - start
     options = options_from_args(args, generator.default_options())  # unset flags take the model's defaults
     seeds = [first + i for i in range(count)]

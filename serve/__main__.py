@@ -28,6 +28,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=list(BACKENDS), default="eager", help=backends_help())
     p.add_argument("--engine", type=Path, default=None, help="engine directory for aoti/onnx/tensorrt backends")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--text-encoder", default=None,
+                   help="text encoder: a local directory or a cached Hugging Face id (default: the checkpoint's)")
+    p.add_argument("--image-encoders", nargs=2, default=None, metavar=("CLIP", "DINO"),
+                   help="the published image model's CLIP and DINOv2 encoders (default: the checkpoint's)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 or [::] for all interfaces")
     p.add_argument("--port", type=int, default=50051, help="gRPC port; 0 picks a free one (logged)")
     p.add_argument("--max-batch", type=int, default=8, help="compatible requests sampled together")
@@ -57,7 +61,9 @@ async def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
                           max_queue=args.max_queue, token=args.token or None, tls_cert=args.tls_cert,
                           tls_key=args.tls_key, metrics_port=args.metrics_port)
-    server = Server(lambda: Generator.from_checkpoint(args.ckpt, args.device, args.backend, args.engine), config)
+    encoders = tuple(args.image_encoders) if args.image_encoders else None
+    server = Server(lambda: Generator.from_checkpoint(args.ckpt, args.device, args.backend, args.engine,
+                                                      text_encoder=args.text_encoder, image_encoders=encoders), config)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

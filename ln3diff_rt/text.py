@@ -7,6 +7,7 @@ repo id is looked up in the local Hugging Face cache only, and every load uses `
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -98,6 +99,37 @@ def is_clip(model: nn.Module) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) in CLIP_MODEL_TYPES
 
 
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers without its warnings and progress bars for the duration (restored after): loading is ours
+    to report, and its bars fill logs and pipes with cursor escapes."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_pretrained(cls, path: str | Path, what: str, unused: tuple[str, ...] = ()) -> nn.Module:
+    """`cls.from_pretrained(path)` offline, quietly, in float32 eval mode; a missing (other than the `unused`
+    suffixes) or mis-shaped weight is a ValueError naming `what` and the weights."""
+    with quiet_transformers():
+        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
+    missing = [k for k in info.get("missing_keys") or [] if not k.endswith(unused)] if unused else \
+        list(info.get("missing_keys") or [])
+    bad = sorted(missing) + sorted(str(k) for k in info.get("mismatched_keys") or [])
+    if bad:
+        raise ValueError(f"{what}: weights missing or mis-shaped in the checkpoint "
+                         f"({len(bad)}: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
+    return model.float().eval()
+
+
 def load_text_model(path: str | Path) -> nn.Module:
     """The transformers model at `path`, eval mode: a CLIP checkpoint's text tower alone (`CLIPTextModel`, fp32;
     the vision tower of a full CLIP checkpoint is never built, and a missing or mis-shaped text weight is an
@@ -109,21 +141,11 @@ def load_text_model(path: str | Path) -> nn.Module:
     model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
     if model_type in CLIP_MODEL_TYPES:
         from transformers import CLIPTextModel
-        from transformers.utils import logging as hf_logging
 
-        # A full CLIP checkpoint's vision weights are expected to go unused: keep transformers from listing them.
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            model, info = CLIPTextModel.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        bad = sorted(info.get("missing_keys") or []) + sorted(str(k) for k in info.get("mismatched_keys") or [])
-        if bad:
-            raise ValueError(f"text encoder {str(path)!r}: CLIP text weights missing or mis-shaped in the checkpoint "
-                             f"({len(bad)}: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
-        return model.float().eval()
-    model = AutoModel.from_pretrained(str(path), local_files_only=True)
+        # A full CLIP checkpoint's vision weights go unused: only the text tower is built.
+        return load_pretrained(CLIPTextModel, path, f"text encoder {str(path)!r}: CLIP text")
+    with quiet_transformers():
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
     # Dual-tower checkpoints hold a text and a vision tower; only the text tower is needed.
     return getattr(model, "text_model", model).eval()
 

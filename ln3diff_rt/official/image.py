@@ -85,7 +85,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ln3diff_rt.sampling import Condition
-from ln3diff_rt.text import resolve_model
+from ln3diff_rt.text import load_pretrained, resolve_model
 
 IMAGE_SIZE = 224  # the side both encoders take (CLIP ViT-L/14 at 224^2: 16 x 16 patches)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (official FrozenOpenCLIPImageEmbedder)
@@ -103,22 +103,9 @@ IMAGE_ENCODERS_INSTEAD = "give image_encoders the path of"
 
 
 def _quiet_load(cls, path: Path, name: str, what: str) -> nn.Module:
-    """`cls.from_pretrained(path)` in float32 eval mode; a missing or mis-shaped weight is a ValueError naming it
-    (a full CLIP checkpoint's text weights are expected to go unused, so transformers is kept from listing them)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    missing = [k for k in info.get("missing_keys") or [] if not k.endswith(UNUSED_WEIGHTS)]
-    bad = sorted(missing) + sorted(str(k) for k in info.get("mismatched_keys") or [])
-    if bad:
-        raise ValueError(f"image encoder {name!r} ({path}): {what} weights missing or mis-shaped in the checkpoint "
-                         f"({len(bad)}: {', '.join(bad[:5])}{', ...' if len(bad) > 5 else ''})")
-    return model.float().eval()
+    """`cls.from_pretrained(path)` quietly in float32 eval mode (a full CLIP checkpoint's text weights go unused);
+    a missing or mis-shaped weight is a ValueError naming it."""
+    return load_pretrained(cls, path, f"image encoder {name!r} ({path}): {what}", UNUSED_WEIGHTS)
 
 
 def _model_type(path: Path, name: str, expected: tuple[str, ...], what: str) -> str:

@@ -121,8 +121,7 @@ def load_pretrained(cls, path: str | Path, what: str, unused: tuple[str, ...] = 
     suffixes) or mis-shaped weight is a ValueError naming `what` and the weights."""
     with quiet_transformers():
         model, info = cls.from_pretrained(str(path), local_files_only=True, output_loading_info=True)
-    missing = [k for k in info.get("missing_keys") or [] if not k.endswith(unused)] if unused else \
-        list(info.get("missing_keys") or [])
+    missing = [k for k in info.get("missing_keys") or [] if not k.endswith(unused)]  # endswith(()) is False
     bad = sorted(missing) + sorted(str(k) for k in info.get("mismatched_keys") or [])
     if bad:
         raise ValueError(f"{what}: weights missing or mis-shaped in the checkpoint "

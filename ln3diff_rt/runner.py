@@ -12,6 +12,7 @@ object is wanted the run raises `Cancelled`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -147,31 +148,31 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
         with clock.time("field_queries"):
             return gen.components.field(planes, points)
 
+    @contextlib.contextmanager
+    def stage(name: str):
+        """A per-object stage: the object still wanted, progress at its start and end, its time on the clock."""
+        still_wanted()
+        emit(name, 0, 1, i)
+        with clock.time(name):
+            yield
+        emit(name, 1, 1, i)
+
     options = request.options
     placement = placement_for(request.prompt, options.height, options.pivot)
     mesh_result, exports, previews = None, {}, []
     if request.mesh:
-        still_wanted()
-        emit("mesh", 0, 1, i)
-        with clock.time("mesh"):
+        with stage("mesh"):
             mesh_result = gen.extract_mesh(planes, options, field=field_queries)
-        emit("mesh", 1, 1, i)
         if request.formats and not mesh_result.empty:
-            still_wanted()
-            emit("export", 0, 1, i)
-            with clock.time("export"):
+            with stage("export"):
                 extras = {"prompt": request.prompt, "seed": request.seed, "steps": options.steps,
                           "guidance": options.guidance, "sampler": options.sampler,
                           "model": gen.config.preset, "checkpoint": gen.models.path.name}
                 exports = {fmt: mesh_bytes(mesh_result, fmt, placement, request.prompt, extras)
                            for fmt in request.formats}
-            emit("export", 1, 1, i)
     if options.preview_views:
-        still_wanted()
-        emit("preview", 0, 1, i)
-        with clock.time("preview"):
+        with stage("preview"):
             previews = gen.render_previews(planes, options, on_view=still_wanted)
-        emit("preview", 1, 1, i)
     return GenerationResult(request, i, latent.cpu(), planes.cpu(), mesh_result, exports, previews, clock.times,
                             placement)
 

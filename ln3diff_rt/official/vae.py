@@ -29,6 +29,7 @@ from torch import nn
 from kernels import attention
 from ln3diff_rt.official.config import OfficialVAEConfig
 from ln3diff_rt.official.field import OfficialTriplaneField, triplane_from_official
+from ln3diff_rt.official.layers import FeedForward, SelfAttention, modulate
 from ln3diff_rt.official.layout import project_to_official_latent
 
 DECODER_PREFIX = "rec_model.decoder."
@@ -97,43 +98,12 @@ class LatentPatchConv(nn.Module):
         return out.reshape(b, d, 3, -1).permute(0, 2, 3, 1).reshape(b, -1, d)
 
 
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """adaLN with per-token shift and scale, all [B, N, D]."""
-    return x * (1 + scale) + shift
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention, fused qkv with bias (timm layout), through the kernels' dispatch."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # [B, H, N, Dh]
-        return self.proj(attention(q, k, v).transpose(1, 2).reshape(b, n, d))
-
-
-class FeedForward(nn.Module):
-    """Block MLP without biases (xformers FusedMLP: its bias is an unsaved zero), exact GELU."""
-
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.GELU(), nn.Linear(hidden, width, bias=False))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
-
-
 class DiT2Block(nn.Module):
     """Attention + MLP, each gated and modulated per token by adaLN of the condition tokens c."""
 
     def __init__(self, width: int, heads: int, mlp_hidden: int):
         super().__init__()
-        self.attn = SelfAttention(width, heads)
+        self.attn = SelfAttention(width, heads, qk_norm=False)
         self.mlp = FeedForward(width, mlp_hidden)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 

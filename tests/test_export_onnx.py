@@ -17,6 +17,8 @@ from export.onnx_engine import OPSET, OrtRunner, export_onnx
 from ln3diff_rt.checkpoint import file_sha256, load_models
 from ln3diff_rt.pipeline import Generator
 
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, random_tiny_checkpoint):

@@ -151,6 +151,7 @@ def test_bench_runs_on_cpu(tmp_path, capsys):
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["kernel"] == "attention"
 
 
+@pytest.mark.slow  # ~18 s: Triton's real compiler, 16 kernels
 def test_kernels_compile_for_sm90():
     """The interpreter does not compile; this runs Triton's real compiler for an H100 target (no GPU
     needed) on one config per kernel, in a subprocess because the kernels here are interpreted."""

@@ -91,6 +91,35 @@ def random_tiny_checkpoint(tmp_path_factory) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("random-tiny") / "tiny.safetensors")
 
 
+@pytest.fixture(scope="session")
+def cube_checkpoint(tmp_path_factory) -> Path:
+    """The tiny preset with random weights, except that the decoder's last conv gives a near-constant tri-plane
+    and the field turns its summed feature into density: 14.5 inside the box, below the threshold of 10 within
+    half a texel of its faces. So every seed gives a rounded cube filling the box: a surface to mesh, export and
+    render, which is all serving needs."""
+    from ln3diff_rt.checkpoint import save_checkpoint
+    from ln3diff_rt.config import get_preset
+    from ln3diff_rt.random_weights import random_models
+
+    models = random_models("tiny", seed=0)
+    vae = models.vae
+    with torch.no_grad():
+        out = vae.decoder.upsampler.out  # planes ~ channel 0 = 1, small latent-dependent rest
+        out.weight.mul_(0.01)
+        out.bias.zero_()
+        out.bias[0] = 1.0
+        mlp = vae.field.mlp  # sigma = 10 softplus(feature 0) - 15: ~14.5 inside, ~5 on the box faces
+        mlp[0].weight.zero_()
+        mlp[0].weight[:, 0] = 1.0
+        mlp[0].bias.zero_()
+        mlp[2].weight[0].zero_()
+        mlp[2].weight[0, 0] = 10.0
+        mlp[2].bias[0] = -15.0
+    path = tmp_path_factory.mktemp("cube") / "tiny-cube.safetensors"
+    save_checkpoint(path, get_preset("tiny"), {"vae": vae, "dit": models.dit})  # the preset's threshold of 10
+    return path
+
+
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -169,3 +198,60 @@ def tiny_image_encoder_dirs(tmp_path_factory) -> tuple[Path, Path]:
         CLIPVisionModelWithProjection(clip).eval().save_pretrained(root / "clip")
         Dinov2WithRegistersModel(dino).eval().save_pretrained(root / "dinov2-reg")
     return root / "clip", root / "dinov2-reg"
+
+
+# -- Hugging Face cache and the published models' joint files, shared by the text, image and converter tests --
+
+HF_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"  # any 40-hex commit id
+SIGMA_BIAS = "rec_model.decoder.triplane_decoder.decoder.net.2.bias"  # the official field's raw-sigma output bias
+
+
+def fake_hf_cache(root: Path, repo: str, files_from: Path | None = None, revision: str = HF_REVISION) -> Path:
+    """A Hugging Face hub cache holding `repo` as huggingface_hub lays it out: models--org--name/refs/main names
+    the revision, snapshots/<revision>/ holds the files (links to `files_from`'s, as the cache links blobs)."""
+    repo_dir = root / ("models--" + repo.replace("/", "--"))
+    (repo_dir / "refs").mkdir(parents=True)
+    (repo_dir / "refs" / "main").write_text(revision)
+    snapshot = repo_dir / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    for f in sorted(files_from.iterdir()) if files_from is not None else []:
+        os.symlink(f, snapshot / f.name)
+    return snapshot
+
+
+@pytest.fixture
+def hf_env(monkeypatch, tmp_path):
+    """No Hugging Face environment from the caller's shell leaks into a test; HF_HOME points at an empty tmp dir."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return monkeypatch
+
+
+def official_joint_state(kind: str) -> dict[str, torch.Tensor]:
+    """A released joint model's state dict, as the parity fixtures hold it: `ddpm_model.*` of dit-{kind}-small
+    and `rec_model.decoder.*` of vae-small (random weights under the official key names)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for name in (f"dit-{kind}-small", "vae-small"):
+        tensors = load_file(shared_path("official-ln3diff", f"{name}.safetensors"))
+        state.update({k: v for k, v in tensors.items() if not k.startswith("fixture.")})
+    return state
+
+
+def converted_official(kind: str, root: Path, surfaced: bool = False) -> Path:
+    """The small joint fixture of `kind` converted into root/model.safetensors. `surfaced` raises the field's sigma
+    bias by 7: its random field then crosses the official mesh level (raw sigma 10), which the fixture's own
+    weights (sigma within about [-1.5, 5]) never reach, so meshes and GLBs appear."""
+    from safetensors.torch import save_file
+
+    from ln3diff_rt.official.convert import convert
+
+    state = official_joint_state(kind)
+    if surfaced:
+        state[SIGMA_BIAS][0] += 7.0
+    save_file(state, root / "joint.safetensors")
+    convert(kind, root / "joint.safetensors", root / "model.safetensors", vae_heads=2)
+    return root / "model.safetensors"

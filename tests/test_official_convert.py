@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import shared_path
+from conftest import SIGMA_BIAS, converted_official, official_joint_state, shared_path
 from safetensors.torch import load_file, save_file
 
 from ln3diff_rt.checkpoint import CheckpointError, load_models
@@ -20,8 +20,6 @@ from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import generate
 
-SIGMA_BIAS = "rec_model.decoder.triplane_decoder.decoder.net.2.bias"
-
 
 def fixture_tensors(name: str) -> tuple[dict, dict]:
     """(weights, fixture.* tensors) of one parity file."""
@@ -30,18 +28,9 @@ def fixture_tensors(name: str) -> tuple[dict, dict]:
     return weights, {k.removeprefix("fixture."): v for k, v in everything.items() if k.startswith("fixture.")}
 
 
-def joint_state(kind: str) -> dict[str, torch.Tensor]:
-    dit, _ = fixture_tensors(f"dit-{kind}-small")
-    vae, _ = fixture_tensors("vae-small")
-    return {**dit, **vae}
-
-
 @pytest.fixture(scope="module")
 def converted_t23d(tmp_path_factory):
-    root = tmp_path_factory.mktemp("t23d")
-    save_file(joint_state("t23d"), root / "joint.safetensors")
-    convert("t23d", root / "joint.safetensors", root / "model.safetensors", vae_heads=2)
-    return root / "model.safetensors"
+    return converted_official("t23d", tmp_path_factory.mktemp("t23d"))
 
 
 def test_converted_model_reproduces_the_official_outputs(converted_t23d):
@@ -62,7 +51,7 @@ def test_converted_model_reproduces_the_official_outputs(converted_t23d):
 
 
 def test_i23d_converts_and_a_wrong_kind_is_named(tmp_path):
-    save_file(joint_state("i23d"), tmp_path / "joint.safetensors")
+    save_file(official_joint_state("i23d"), tmp_path / "joint.safetensors")
     cfg = convert("i23d", tmp_path / "joint.safetensors", tmp_path / "i23d.safetensors", vae_heads=2)
     assert cfg.objective == "flow-data" and cfg.official_dit.dino_dim == 1024
     with pytest.raises(CheckpointError, match="official-i23d DiT, not official-t23d"):
@@ -80,7 +69,7 @@ def test_i23d_converts_and_a_wrong_kind_is_named(tmp_path):
     (lambda s: s["ddpm_model.pos_embed"].mul_(1.01), "pos_embed is not the frozen sin-cos table"),
 ])
 def test_converter_names_what_is_wrong(tmp_path, damage, message):
-    state = joint_state("t23d")
+    state = official_joint_state("t23d")
     damage(state)
     save_file(state, tmp_path / "joint.safetensors")
     with pytest.raises(CheckpointError, match=message):
@@ -89,7 +78,7 @@ def test_converter_names_what_is_wrong(tmp_path, damage, message):
 
 
 def test_zero_mlp_bias_and_pt_files_are_accepted(tmp_path):
-    state = joint_state("t23d")
+    state = official_joint_state("t23d")
     state["ddpm_model.blocks.0.mlp.mlp.1.bias"] = torch.zeros(256)  # xformers' untrained bias, if a release has it
     torch.save(state, tmp_path / "joint.pt")
     cfg = convert("t23d", tmp_path / "joint.pt", tmp_path / "model.safetensors", vae_heads=2)
@@ -100,21 +89,14 @@ def test_zero_mlp_bias_and_pt_files_are_accepted(tmp_path):
 
 
 def test_vae_heads_are_asked_for_off_the_published_width(tmp_path):
-    save_file(joint_state("t23d"), tmp_path / "joint.safetensors")
+    save_file(official_joint_state("t23d"), tmp_path / "joint.safetensors")
     assert main(["convert", "official-t23d", "--ckpt", str(tmp_path / "joint.safetensors"),
                  "--out", str(tmp_path / "m.safetensors")]) == 2
 
 
 @pytest.fixture(scope="module")
 def surfaced_t23d(tmp_path_factory):
-    """The t23d fixture with the field's sigma bias raised by 7: its random field then crosses the official
-    mesh level (raw sigma 10), which the fixture's own weights (sigma within about [-1.5, 5]) never reach."""
-    root = tmp_path_factory.mktemp("surfaced")
-    state = joint_state("t23d")
-    state[SIGMA_BIAS][0] += 7.0
-    save_file(state, root / "joint.safetensors")
-    convert("t23d", root / "joint.safetensors", root / "model.safetensors", vae_heads=2)
-    return root / "model.safetensors"
+    return converted_official("t23d", tmp_path_factory.mktemp("surfaced"), surfaced=True)
 
 
 def test_generate_cli_writes_a_glb_from_the_converted_model(surfaced_t23d, tiny_clip_dir, tmp_path, capsys):

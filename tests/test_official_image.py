@@ -9,50 +9,24 @@ preprocessing the module docstring of `ln3diff_rt.official.image` documents.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_path
-from safetensors.torch import load_file, save_file
+from conftest import converted_official, fake_hf_cache, shared_path
 
 from ln3diff_rt.images import read_image
-from ln3diff_rt.official.convert import convert
 from ln3diff_rt.official.image import IMAGE_SIZE, OfficialImageConditioner
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import Request, run
 
 CLIP_REPO, DINO_REPO = "openai/clip-vit-large-patch14", "facebook/dinov2-with-registers-large"
 REVISION = "0123456789abcdef0123456789abcdef01234567"  # any 40-hex commit id
-SIGMA_BIAS = "rec_model.decoder.triplane_decoder.decoder.net.2.bias"
 
 
 @pytest.fixture(scope="module")
 def conditioner(tiny_image_encoder_dirs):
     clip, dino = tiny_image_encoder_dirs
     return OfficialImageConditioner(str(clip), str(dino))
-
-
-@pytest.fixture
-def hf_env(monkeypatch, tmp_path):
-    """An empty Hugging Face cache of our own: nothing from the caller's shell or machine is found."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return monkeypatch
-
-
-def _fake_hf_cache(root, repo: str, files_from) -> None:
-    """`repo` in a Hugging Face hub cache at `root`, laid out as huggingface_hub does (refs/main -> snapshot)."""
-    repo_dir = root / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(REVISION)
-    snapshot = repo_dir / "snapshots" / REVISION
-    snapshot.mkdir(parents=True)
-    for f in sorted(files_from.iterdir()):
-        os.symlink(f, snapshot / f.name)
 
 
 def reference(clip_dir, dino_dir, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,7 +103,7 @@ def test_default_names_resolve_from_the_hf_cache(hf_env, tmp_path, tiny_image_en
     cache = tmp_path / "cache"
     hf_env.setenv("HF_HUB_CACHE", str(cache))
     for repo, folder in zip((CLIP_REPO, DINO_REPO), tiny_image_encoder_dirs, strict=True):
-        _fake_hf_cache(cache, repo, folder)
+        fake_hf_cache(cache, repo, folder)
     images = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(3))
     assert torch.equal(OfficialImageConditioner()(images).context, conditioner(images).context)
 
@@ -159,17 +133,7 @@ def test_missing_or_wrong_models_are_named_in_one_line(hf_env, tmp_path, tiny_im
 
 @pytest.fixture(scope="module")
 def surfaced_i23d(tmp_path_factory):
-    """The i23d parity fixture (DiT + VAE decoder, official key names) converted, with the field's sigma bias
-    raised by 7 so that its random field crosses the official mesh level (as test_official_convert does)."""
-    root = tmp_path_factory.mktemp("i23d")
-    state = {}
-    for name in ("dit-i23d-small", "vae-small"):
-        tensors = load_file(shared_path("official-ln3diff", f"{name}.safetensors"))
-        state.update({k: v for k, v in tensors.items() if not k.startswith("fixture.")})
-    state[SIGMA_BIAS][0] += 7.0
-    save_file(state, root / "joint.safetensors")
-    convert("i23d", root / "joint.safetensors", root / "model.safetensors", vae_heads=2)
-    return root / "model.safetensors"
+    return converted_official("i23d", tmp_path_factory.mktemp("i23d"), surfaced=True)
 
 
 def test_the_published_names_missing_is_one_line_before_anything_runs(surfaced_i23d, hf_env, tmp_path):

@@ -2,39 +2,15 @@
 resolves to a local directory (bundled, a path, or a repo id in the Hugging Face cache; never downloaded)."""
 
 import json
-import os
 
 import pytest
 import torch
+from conftest import fake_hf_cache
 
 from ln3diff_rt.text import DEFAULT_TEXT_ENCODER, TextEncoder, hf_hub_cache, resolve_text_encoder
 
 PROMPTS = ["a red cube", "", "A wooden chair, with FOUR legs!", "a small blue teapot " * 12]  # the last truncates
 REPO = "openai/clip-vit-large-patch14"
-REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"  # any 40-hex commit id
-
-
-def _fake_hf_cache(root, repo: str, files_from=None, revision: str = REVISION):
-    """A Hugging Face hub cache holding `repo` as huggingface_hub lays it out: models--org--name/refs/main names
-    the revision, snapshots/<revision>/ holds the files (here links to `files_from`'s, as the cache links blobs)."""
-    repo_dir = root / ("models--" + repo.replace("/", "--"))
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(revision)
-    snapshot = repo_dir / "snapshots" / revision
-    snapshot.mkdir(parents=True)
-    for f in sorted(files_from.iterdir()) if files_from is not None else []:
-        os.symlink(f, snapshot / f.name)
-    return snapshot
-
-
-@pytest.fixture
-def hf_env(monkeypatch, tmp_path):
-    """No Hugging Face environment from the caller's shell leaks into a test; HF_HOME points at an empty tmp dir."""
-    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "XDG_CACHE_HOME"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return monkeypatch
 
 
 def test_tiny_clip_matches_transformers(tiny_clip_dir):
@@ -111,7 +87,7 @@ def test_repo_id_resolves_from_hf_cache_offline(tiny_clip_dir, hf_env, tmp_path)
     import huggingface_hub
 
     cache = tmp_path / "hub-cache"
-    snapshot = _fake_hf_cache(cache, REPO, tiny_clip_dir)
+    snapshot = fake_hf_cache(cache, REPO, tiny_clip_dir)
     hf_env.setenv("HF_HUB_CACHE", str(cache))
     assert hf_hub_cache() == cache
     assert resolve_text_encoder(REPO) == snapshot
@@ -130,7 +106,7 @@ def test_hf_cache_location_follows_environment(hf_env, tmp_path):
     assert hf_hub_cache() == tmp_path / "xdg" / "huggingface" / "hub"
     hf_env.setenv("HF_HOME", str(tmp_path / "home"))
     assert hf_hub_cache() == tmp_path / "home" / "hub"
-    snapshot = _fake_hf_cache(tmp_path / "home" / "hub", "org/model")
+    snapshot = fake_hf_cache(tmp_path / "home" / "hub", "org/model")
     (snapshot / "config.json").write_text("{}")
     assert resolve_text_encoder("org/model") == snapshot
     hf_env.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "legacy"))
@@ -155,7 +131,7 @@ def test_missing_repo_id_error_names_repo_and_cache(hf_env, tmp_path):
 def test_partial_snapshot_and_bad_paths(hf_env, tmp_path):
     cache = tmp_path / "cache"
     hf_env.setenv("HF_HUB_CACHE", str(cache))
-    _fake_hf_cache(cache, "org/partial")  # refs and an empty snapshot: no config.json
+    fake_hf_cache(cache, "org/partial")  # refs and an empty snapshot: no config.json
     with pytest.raises(FileNotFoundError, match="has no config.json .a partial download."):
         resolve_text_encoder("org/partial")
     with pytest.raises(FileNotFoundError, match="does not exist, and it is neither"):

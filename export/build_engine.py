@@ -48,6 +48,7 @@ def check_request(backend: str, precision: str, device: str, batch_sizes: list[i
         raise ValueError(f"--backend {backend!r}: expected one of {', '.join(ENGINE_BACKENDS)}")
     if backend == "tensorrt":
         require_tensorrt(device)
+    get_backend(backend).check_installed()
     if precision not in PRECISIONS:
         raise ValueError(f"--precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     try:

@@ -9,6 +9,7 @@ loaders without importing `export` (which sits above it) and `import ln3diff_rt`
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,6 +25,15 @@ class Backend:
     build: str | None = None  # (ComponentSpec, engine_dir, ComponentEntry, BuildContext) -> None, fills the entry
     load: str | None = None  # (artefact path, ComponentEntry, device) -> callable over tensors
     devices: tuple[str, ...] = ("cpu", "cuda")
+    modules: tuple[str, ...] = ()  # what it imports beyond the core install, and the extra that brings them
+    extra: str | None = None
+
+    def check_installed(self) -> None:
+        """ValueError naming the missing packages and the extra to install, before any work."""
+        missing = [m for m in self.modules if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ValueError(f"backend {self.name!r} needs {', '.join(missing)}: "
+                             f"pip install 'ln3diff-rt[{self.extra}]'")
 
     @property
     def needs_engine(self) -> bool:
@@ -47,10 +57,11 @@ _ENTRIES = (
             engine_suffix=".pt2", build="export.aoti_engine:build", load="export.aoti_engine:load"),
     Backend("onnx", "ONNX Runtime (TensorRT or CUDA execution provider on a GPU, CPU provider otherwise)",
             components="export.runtime:engine_components", engine_suffix=".onnx", build="export.onnx_engine:build",
-            load="export.onnx_engine:load"),
+            load="export.onnx_engine:load", modules=("onnx", "onnxscript", "onnxruntime"), extra="export"),
     Backend("tensorrt", "TensorRT plans built from the ONNX graphs (GPU only; untested without one)",
             components="export.runtime:engine_components", engine_suffix=".plan",
-            build="export.tensorrt_engine:build", load="export.tensorrt_engine:load", devices=("cuda",)),
+            build="export.tensorrt_engine:build", load="export.tensorrt_engine:load", devices=("cuda",),
+            modules=("onnx", "onnxscript", "tensorrt"), extra="gpu"),
 )
 BACKENDS: dict[str, Backend] = {b.name: b for b in _ENTRIES}
 ENGINE_BACKENDS = tuple(name for name, b in BACKENDS.items() if b.needs_engine)

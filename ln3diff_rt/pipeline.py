@@ -126,6 +126,7 @@ class Generator:
                         ) -> Generator:
         """Load a checkpoint (default: the shipped tiny model) and build the chosen backend."""
         chosen = get_backend(backend)
+        chosen.check_installed()
         path = Path(path) if path else DEFAULT_CHECKPOINT
         models = load_models(path, device, require=("vae", "dit"))
         components = eager_components(models, device, text_encoder, image_encoders)

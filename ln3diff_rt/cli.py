@@ -114,6 +114,9 @@ def generate(args: argparse.Namespace) -> int:
                                           image_encoders=tuple(args.image_encoders) if args.image_encoders else None)
     load_s = time.perf_counter() - start
     options = options_from_args(args, generator.default_options())  # unset flags take the model's defaults
+    for prompt in dict.fromkeys(p for p in prompts if p):
+        for warning in generator.prompt_warnings(prompt):
+            print(f"warning: {warning}", file=sys.stderr)
     seeds = [first + i for i in range(count)]
     bars: dict[str, tqdm] = {}
     tty = sys.stderr.isatty()  # bars on a terminal; in a file or a pipe, one line per batch stage

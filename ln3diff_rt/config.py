@@ -118,6 +118,9 @@ class ModelConfig:
     # GenerationOptions defaults that suit this model (sampler, steps, guidance, mesh_resolution, ...);
     # a request's unset fields take these, then GenerationOptions' own defaults.
     request_defaults: dict = field(default_factory=dict)
+    # The words of the training captions (empty: not recorded, or an open vocabulary such as CLIP's): a prompt
+    # with words outside it gets a warning, since the model can only guess what they mean.
+    vocabulary: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:

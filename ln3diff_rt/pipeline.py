@@ -9,6 +9,7 @@ caller (CLI, server, profiler, warm-up, batch generation).
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -150,6 +151,23 @@ class Generator:
             raise ValueError(f"{self.config.preset} ({self.models.path.name}) has no image input; give a prompt")
         if image is None and self.config.image_only:
             raise ValueError(f"{self.config.preset} generates from an image alone; give an image")
+
+    def prompt_warnings(self, prompt: str) -> list[str]:
+        """One-line warnings for a prompt this model will read only in part: words outside its training captions'
+        vocabulary, or more tokens than its text encoder reads."""
+        warnings = []
+        vocabulary = set(self.config.vocabulary)
+        unknown = [w for w in re.findall(r"[^\W\d_]+", prompt.lower()) if vocabulary and w not in vocabulary]
+        if unknown:
+            warnings.append(f"{prompt!r}: {', '.join(repr(w) for w in dict.fromkeys(unknown))} not among the words "
+                            f"this model was trained on ({' '.join(self.config.vocabulary)})")
+        tokenizer = getattr(self.components.text_encoder, "tokenizer", None)
+        limit = self.config.dit.context_len
+        if tokenizer is not None and prompt:
+            count = len(tokenizer(prompt)["input_ids"])
+            if count > limit:
+                warnings.append(f"{prompt[:40]!r}...: {count} tokens; the text encoder reads the first {limit}")
+        return warnings
 
     def check_options(self, options: GenerationOptions) -> None:
         """InvalidOption unless `options` suit this model (beyond their own bounds)."""

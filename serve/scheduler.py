@@ -49,6 +49,7 @@ class Output:
     bounds: tuple[list[float], list[float]] | None  # exported asset's (min xyz, max xyz)
     batch_size: int
     timings: dict[str, float]
+    warnings: list[str] = field(default_factory=list)  # about the request's prompt (Generator.prompt_warnings)
 
 
 @dataclass
@@ -177,8 +178,9 @@ class Scheduler:
                     if first or stage not in BATCH_STAGES:
                         self.metrics.stage_seconds.labels(stage).observe(seconds)
                 first = False
-                job.post("result", _output(result, {"queue": started - job.enqueued_at, **result.timings},
-                                           len(batch)))
+                out = _output(result, {"queue": started - job.enqueued_at, **result.timings}, len(batch))
+                out.warnings = self.generator.prompt_warnings(job.spec.prompt)
+                job.post("result", out)
         except Cancelled:
             log.info("batch cancelled", extra={"fields": {"requests": [j.request_id for j in batch]}})
 

@@ -183,7 +183,7 @@ def result_message(job: Job, out: Output) -> pb.Result:
         faces_budget=(o.faces or 0) if job.spec.mesh else 0,
         meshes=[pb.MeshInfo(format=f, size=len(d), sha256=h) for f, d, h in out.meshes], mesh_empty=out.mesh_empty,
         vertex_count=out.vertex_count, face_count=out.face_count, preview_count=len(out.previews),
-        batch_size=out.batch_size, timings=out.timings)
+        batch_size=out.batch_size, timings=out.timings, warnings=out.warnings)
     if out.bounds is not None:
         result.bounding_box.min.extend(out.bounds[0])
         result.bounding_box.max.extend(out.bounds[1])
@@ -216,7 +216,7 @@ def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
         triplane_shape=list(cfg.triplane_shape), text_encoder=cfg.text_encoder, formats=list(MESH_FORMATS),
         samplers=list(generator.samplers), limits=limits,
         defaults=pb.Defaults(formats=list(DEFAULT_FORMATS), **dataclasses.asdict(defaults)),
-        text_input=not cfg.image_only, image_input=cfg.takes_images)
+        text_input=not cfg.image_only, image_input=cfg.takes_images, vocabulary=list(cfg.vocabulary))
 
 
 def warm_up(generator: Generator) -> None:

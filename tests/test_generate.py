@@ -198,3 +198,21 @@ def test_pivot_center_and_the_one_metre_default(generator):
     assert obj.extents.max() == pytest.approx(1.0, rel=1e-4)
     assert np.allclose(obj.bounds.mean(axis=0), 0.0, atol=1e-4)
     assert result.exports["obj"].startswith(b"o a red cube\n")
+
+
+def test_prompts_outside_the_vocabulary_or_too_long_are_warned_about(tmp_path, capsys):
+    from ln3diff_rt.checkpoint import load_models, save_checkpoint
+
+    models = load_models(DEFAULT_CHECKPOINT)
+    config = models.config.replace(vocabulary=("a", "red", "blue", "cube", "sphere"))
+    ckpt = tmp_path / "with-vocabulary.safetensors"
+    save_checkpoint(ckpt, config, {"vae": models.vae, "dit": models.dit})
+    gen = Generator.from_checkpoint(ckpt)
+    assert gen.prompt_warnings("a red cube") == []
+    [unknown] = gen.prompt_warnings("a crimson cube, crimson!")
+    assert "'crimson' not among the words this model was trained on (a red blue cube sphere)" in unknown
+    long_prompt = "a red cube " * 20
+    assert any("tokens; the text encoder reads the first 32" in w for w in gen.prompt_warnings(long_prompt))
+    assert main(["generate", "a crimson cube", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--steps", "1",
+                 "--resolution", "16", "--views", "0"]) == 0
+    assert "warning: 'a crimson cube': 'crimson' not among" in capsys.readouterr().err

@@ -1,9 +1,7 @@
 """The ln3diff.v1 server end to end: real grpc.aio servers on 127.0.0.1 (ephemeral ports), real clients.
 
-The model is the tiny preset with random weights, except that the decoder's last conv gives a
-near-constant tri-plane and the field turns its summed feature into density: 14.5 inside the box,
-below the threshold of 10 within half a texel of its faces. So every seed gives a rounded cube filling
-the box: a surface to mesh and export, which is all serving needs.
+The model is conftest.py's `cube_checkpoint`: random weights that give a rounded cube filling the box
+for every seed, a surface to mesh and export, which is all serving needs.
 """
 
 import concurrent.futures
@@ -25,14 +23,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 import trimesh
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from ln3diff_rt.checkpoint import file_sha256, save_checkpoint
-from ln3diff_rt.config import get_preset
+from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.pipeline import Generator
-from ln3diff_rt.random_weights import random_models
 from serve import codegen
 from serve.client import Client, IntegrityError, assemble, build_request
 from serve.ln3diff.v1 import generator_pb2 as pb
@@ -46,24 +41,8 @@ LONG_STEPS = 1000  # >= 10 s of sampling even on idle cores, so a quick follow-u
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    models = random_models("tiny", seed=0)
-    vae = models.vae
-    with torch.no_grad():
-        out = vae.decoder.upsampler.out  # planes ~ channel 0 = 1, small latent-dependent rest
-        out.weight.mul_(0.01)
-        out.bias.zero_()
-        out.bias[0] = 1.0
-        mlp = vae.field.mlp  # sigma = 10 softplus(feature 0) - 15: ~14.5 inside, ~5 on the box faces
-        mlp[0].weight.zero_()
-        mlp[0].weight[:, 0] = 1.0
-        mlp[0].bias.zero_()
-        mlp[2].weight[0].zero_()
-        mlp[2].weight[0, 0] = 10.0
-        mlp[2].bias[0] = -15.0
-    path = tmp_path_factory.mktemp("ckpt") / "tiny-cube.safetensors"
-    save_checkpoint(path, get_preset("tiny"), {"vae": vae, "dit": models.dit})  # the preset's threshold of 10
-    return path
+def checkpoint(cube_checkpoint) -> Path:
+    return cube_checkpoint  # conftest.py: every seed gives a rounded cube filling the box
 
 
 @pytest.fixture(scope="module")
@@ -438,3 +417,12 @@ def test_blender_generation_job_fetches_a_glb(server, tmp_path):
     bad = addon.GenerationJob(f"127.0.0.1:{server.port}", "", tmp_path).start()
     bad.wait(30)
     assert bad.done and bad.error.startswith("INVALID_ARGUMENT: prompt=")
+
+
+def test_result_and_model_info_carry_prompt_warnings_and_vocabulary(client):
+    long_prompt = "a " * 40  # 42 tokens with the markers: more than the 32 the tiny model's text encoder reads
+    result = client.generate(long_prompt.strip(), **FAST).result
+    assert len(result.warnings) == 1 and "the text encoder reads the first 32" in result.warnings[0]
+    assert list(client.generate("a red cube", **FAST).result.warnings) == []
+    info = client.model_info()
+    assert info.text_input and not info.image_input and list(info.vocabulary) == []

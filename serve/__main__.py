@@ -23,7 +23,8 @@ log = logging.getLogger("serve")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m serve", description="ln3diff.v1 gRPC server (text to 3D mesh).")
+    p = argparse.ArgumentParser(prog="ln3diff-serve",
+                                description="ln3diff.v1 gRPC server: prompts or images to 3D meshes.")
     p.add_argument("--ckpt", type=Path, default=None, help="checkpoint (default: the shipped tiny model)")
     p.add_argument("--backend", choices=list(BACKENDS), default="eager", help=backends_help())
     p.add_argument("--engine", type=Path, default=None, help="engine directory for aoti/onnx/tensorrt backends")

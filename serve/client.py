@@ -145,7 +145,7 @@ class Client:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m serve.client", description="ln3diff.v1 client")
+    p = argparse.ArgumentParser(prog="ln3diff-client", description="ln3diff.v1 client")
     p.add_argument("--server", default=DEFAULT_SERVER, help=f"host:port (default {DEFAULT_SERVER})")
     p.add_argument("--token", default=os.environ.get("LN3DIFF_TOKEN"), help="bearer token (default $LN3DIFF_TOKEN)")
     p.add_argument("--tls", action="store_true", help="TLS with the system root certificates")
@@ -164,6 +164,26 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="model, backend and limits of the server")
     sub.add_parser("health", help="the server's health status")
     return p
+
+
+def describe_model(info: pb.ModelInfo) -> str:
+    """GetModelInfo as a few readable lines: the model, what it takes, its defaults and the server's limits."""
+    takes = " and ".join(k for k, on in (("a prompt", info.text_input), ("an image", info.image_input)) if on)
+
+    def fields(message) -> str:
+        return ", ".join(f"{f.name} {v:g}" if isinstance(v, float) else f"{f.name} {v}"
+                         for f, v in message.ListFields())
+
+    defaults, limits = fields(info.defaults), fields(info.limits)
+    lines = [f"model    {info.preset} ({info.checkpoint}, sha256 {info.checkpoint_sha256[:12]}...)",
+             f"runs on  {info.backend} on {info.device}; takes {takes or 'nothing?'}",
+             f"shapes   latent {'x'.join(map(str, info.latent_shape))}, tri-plane "
+             f"{'x'.join(map(str, info.triplane_shape))}",
+             f"formats  {', '.join(info.formats)}; samplers {', '.join(info.samplers)}",
+             f"defaults {defaults}", f"limits   {limits}"]
+    if info.vocabulary:
+        lines.append(f"words    {' '.join(info.vocabulary)}")
+    return "\n".join(lines)
 
 
 def _show_progress(stage: str, step: int, total: int) -> None:
@@ -202,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.command == "generate":
                 _generate(client, args)
             elif args.command == "info":
-                print(client.model_info(args.timeout or 10.0))
+                print(describe_model(client.model_info(args.timeout or 10.0)))
             else:
                 print(client.health(timeout=args.timeout or 5.0))
     except grpc.RpcError as e:

@@ -241,7 +241,9 @@ class Server:
     async def start(self) -> int:
         c = self.config
         interceptors = [BearerTokenInterceptor(c.token, self.metrics)] if c.token else []
-        self.grpc = grpc.aio.server(interceptors=interceptors)
+        # No SO_REUSEPORT: gRPC sets it by default, and a second server on a bound port then starts and silently
+        # takes half the requests; without it the bind fails and the second server says so.
+        self.grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for name in ("", SERVICE):
@@ -250,11 +252,16 @@ class Server:
         address = f"{c.host}:{c.port}"
         if (c.tls_cert is None) != (c.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key (PEM files)")
-        if c.tls_cert is not None:
-            credentials = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
-            self.port = self.grpc.add_secure_port(address, credentials)
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        try:
+            if c.tls_cert is not None:
+                credentials = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(),
+                                                            Path(c.tls_cert).read_bytes())])
+                self.port = self.grpc.add_secure_port(address, credentials)
+            else:
+                self.port = self.grpc.add_insecure_port(address)
+        except RuntimeError as e:  # gRPC says only "Failed to bind to address"
+            raise OSError(f"cannot listen on {address}: the port is in use (another server?) or the address is not "
+                          f"this machine's ({e})") from e
         await self.grpc.start()
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve_http(c.metrics_port, c.host)

@@ -426,3 +426,8 @@ def test_result_and_model_info_carry_prompt_warnings_and_vocabulary(client):
     assert list(client.generate("a red cube", **FAST).result.warnings) == []
     info = client.model_info()
     assert info.text_input and not info.image_input and list(info.vocabulary) == []
+
+
+def test_a_second_server_on_a_bound_port_fails_instead_of_sharing_it(server, generator):
+    with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.port}: the port is in use"):
+        ServerThread(lambda: generator, ServerConfig(port=server.port))

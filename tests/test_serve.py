@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import grpc
@@ -431,3 +432,23 @@ def test_result_and_model_info_carry_prompt_warnings_and_vocabulary(client):
 def test_a_second_server_on_a_bound_port_fails_instead_of_sharing_it(server, generator):
     with pytest.raises(OSError, match=f"cannot listen on 127.0.0.1:{server.port}: the port is in use"):
         ServerThread(lambda: generator, ServerConfig(port=server.port))
+
+
+def test_blender_addon_zip_carries_its_client_and_fetches_a_glb(server, tmp_path):
+    """The zip alone (no checkout on sys.path): its vendored client and stubs talk to a real server."""
+    from serve.blender_addon import build_zip
+
+    with zipfile.ZipFile(build_zip(tmp_path / "addon.zip")) as z:
+        z.extractall(tmp_path / "addons")
+    script = (f"import sys; sys.path.insert(0, {str(tmp_path / 'addons')!r})\n"
+              "import ln3diff_blender as addon\n"
+              f"job = addon.GenerationJob('127.0.0.1:{server.port}', 'a red cube', {str(tmp_path / 'out')!r}, "
+              "seed=3, steps=2, mesh_resolution=32).start()\n"
+              "job.wait(60)\n"
+              "import serve.client\n"
+              "print(job.error, job.path, serve.client.__file__)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    error, path, client_file = proc.stdout.split()
+    assert error == "None" and path.endswith("ln3diff_3.glb"), proc.stderr
+    assert client_file.startswith(str(tmp_path / "addons" / "ln3diff_blender" / "vendor"))  # not the checkout's

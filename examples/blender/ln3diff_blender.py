@@ -1,11 +1,12 @@
-"""LN3Diff text-to-3D for Blender: type a prompt, an ln3diff.v1 server makes the mesh, Blender imports the GLB.
+"""LN3Diff text/image-to-3D for Blender: a prompt or an image, an ln3diff.v1 server makes the mesh, Blender imports it.
 
-Install: Edit > Preferences > Add-ons > Install... and pick this file (Blender 3.6 / 4.x, legacy add-on).
-Blender's own Python needs grpcio and protobuf:
+Install: `python -m serve.blender_addon --out ln3diff_blender.zip` builds an add-on zip that carries the
+client and its generated stubs; Edit > Preferences > Add-ons > Install... and pick the zip (Blender 3.6 /
+4.x). Blender's own Python needs grpcio and protobuf, once (the one pip step):
     <blender>/<version>/python/bin/python3.* -m pip install grpcio grpcio-health-checking protobuf
-and the add-on preferences need the path of an ln3diff-rt checkout (for `serve.client` and its stubs),
-the server address (`python -m serve --ckpt ... --host 0.0.0.0`) and the token, if the server has one.
-Then: 3D Viewport > sidebar (N) > LN3Diff > Generate. Esc cancels; the server stops the work too.
+The add-on preferences take the server address (`ln3diff-serve --host 0.0.0.0`) and the token, if the
+server has one (an ln3diff-rt checkout path is needed only when this single file is installed instead
+of the zip). Then: 3D Viewport > sidebar (N) > LN3Diff > Generate. Esc cancels; the server stops too.
 
 Untested here: this project's tests run without Blender. `GenerationJob`, the part that talks to the
 server, is plain Python and is tested against a real server in tests/test_serve.py; the operator,
@@ -26,6 +27,8 @@ bl_info = {
     "description": "Generate a mesh from a text prompt on an ln3diff.v1 gRPC server and import it",
     "category": "Import-Export",
 }
+
+VENDOR = Path(__file__).resolve().parent / "vendor"  # the client and its stubs, in the add-on zip
 
 # Share of the whole job each stage ends at; sampling fills the span before "decode".
 STAGE_END = {"queued": 0.02, "encode_text": 0.05, "sample": 0.75, "decode": 0.8, "mesh": 0.9, "export": 0.95,
@@ -77,8 +80,9 @@ class GenerationJob:
 
     def _run(self) -> None:
         try:
-            if self.repo_path and self.repo_path not in sys.path:
-                sys.path.insert(0, self.repo_path)
+            for path in (self.repo_path, str(VENDOR)):  # a checkout, else the zip's own copy of the client
+                if path and Path(path).is_dir() and path not in sys.path:
+                    sys.path.insert(0, path)
             from serve.client import Client, assemble, build_request
 
             with Client(self.server, self.token or None) as client:

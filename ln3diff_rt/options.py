@@ -23,11 +23,26 @@ MAX_SEED = 2**63 - 1  # what a signed 64-bit integer holds: torch's generators a
 
 
 class InvalidOption(ValueError):
-    """A setting out of its bounds; `field` names it as GenerationOptions (and the proto) spell it."""
+    """A setting out of its bounds; `field` names it as GenerationOptions (and the proto) spell it.
+
+    The message quotes at most QUOTE_CHARS of the value's repr, then its length: a megabyte prompt must not come
+    back whole (over gRPC it would not fit in the status message)."""
+
+    QUOTE_CHARS = 100
 
     def __init__(self, field: str, value, expected: str):
-        super().__init__(f"{field}={value!r}: expected {expected}")
+        super().__init__(f"{field}={self.quote(value)}: expected {expected}")
         self.field, self.value, self.expected = field, value, expected
+
+    @classmethod
+    def quote(cls, value) -> str:
+        """repr(value), cut after QUOTE_CHARS characters with the value's length added where it was cut."""
+        text = repr(value)
+        if len(text) <= cls.QUOTE_CHARS:
+            return text
+        unit = "chars" if isinstance(value, str) else "bytes" if isinstance(value, bytes | bytearray) else "items"
+        length = f"{len(value)} {unit}" if hasattr(value, "__len__") else f"{len(text)} chars as text"
+        return f"{text[:cls.QUOTE_CHARS]}... ({length})"
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,7 @@ class Generator:
                         on_view: Callable[[int], None] | None = None) -> list[np.ndarray]:
         """A turntable of `preview_views` frames [H, W, 3] uint8 around one tri-plane [3, C, R, R].
 
-        `on_view(i)` runs before frame i (cancellation checks between frames)."""
+        `on_view(i)` runs before frame i and before each of its ray chunks (cancellation checks)."""
         size = options.preview_size
         intrinsics = intrinsics_from_fov(PREVIEW_FOV, size, size)
         planes = planes[None].to(self.device)
@@ -283,7 +283,8 @@ class Generator:
             c2w = orbit_camera(360.0 * i / options.preview_views - 90.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
             origins, dirs = camera_rays(c2w, intrinsics, size, size)
             out = render_chunked(self.components.field, planes, origins.reshape(1, -1, 3).to(self.device),
-                                 dirs.reshape(1, -1, 3).to(self.device), self.config.renderer, occupancy=occupancy)
+                                 dirs.reshape(1, -1, 3).to(self.device), self.config.renderer, occupancy=occupancy,
+                                 on_chunk=None if on_view is None else lambda i=i: on_view(i))
             rgb = out.rgb[0].reshape(size, size, 3).clamp(0, 1)
             frames.append((rgb * 255.0 + 0.5).to(torch.uint8).cpu().numpy())
         return frames

@@ -146,10 +146,16 @@ def _march(field, planes, origins, dirs, near, far, cfg: RendererConfig, perturb
 
 
 def render_chunked(field: FieldFn, planes: torch.Tensor, origins: torch.Tensor, dirs: torch.Tensor,
-                   cfg: RendererConfig, chunk: int = RAY_CHUNK, occupancy: torch.Tensor | None = None) -> RenderOutput:
-    """Inference rendering of many rays [B, N, 3] in chunks to bound memory."""
-    parts = [render_rays(field, planes, origins[:, i:i + chunk], dirs[:, i:i + chunk], cfg, occupancy=occupancy)
-             for i in range(0, origins.shape[1], chunk)]
+                   cfg: RendererConfig, chunk: int = RAY_CHUNK, occupancy: torch.Tensor | None = None,
+                   on_chunk: Callable[[], None] | None = None) -> RenderOutput:
+    """Inference rendering of many rays [B, N, 3] in chunks to bound memory. `on_chunk()` runs before each chunk
+    and may raise to stop (a 512 px frame is 64 chunks: cancellation need not wait for the frame)."""
+    parts = []
+    for i in range(0, origins.shape[1], chunk):
+        if on_chunk is not None:
+            on_chunk()
+        parts.append(render_rays(field, planes, origins[:, i:i + chunk], dirs[:, i:i + chunk], cfg,
+                                 occupancy=occupancy))
     return RenderOutput(*(torch.cat([getattr(p, k) for p in parts], dim=1) for k in ("rgb", "depth", "opacity")))
 
 

@@ -1,4 +1,4 @@
-"""What both training stages share: torchrun/DDP setup, resumable training state, logs.
+"""What both training stages share: torchrun/DDP setup, resumable training state, logs, how a run ends.
 
 Exact resume by construction: every random draw of step s comes from generators seeded with
 (seed, s, rank), and the data order is a function of (seed, epoch), so the saved state is just
@@ -12,17 +12,19 @@ import json
 import math
 import os
 import signal
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
 
-from ln3diff_rt.checkpoint import CheckpointError, atomic_save_safetensors
+from ln3diff_rt.checkpoint import CheckpointError, atomic_save_safetensors, read_tensor_file
 from ln3diff_rt.config import ModelConfig
+from training.data.dataset import DatasetError
 
 
 @dataclass
@@ -52,19 +54,37 @@ def setup_distributed(device: str) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), local)
 
 
-@contextlib.contextmanager
-def distributed_teardown():
-    """Leave the process group cleanly when the work inside ends.
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, schedulers, torchrun shutting down), raised like Ctrl-C so that the loop saves its state."""
 
-    Without this, a rank that exits while gloo's threads are still alive can abort with
+    def __init__(self, signum: int):
+        super().__init__(f"signal {signum}")
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def distributed_teardown() -> Iterator[None]:
+    """What a training entry point runs inside: leave the process group cleanly, and end as a user can act on.
+
+    A user's error (bad data, nothing to resume, a damaged checkpoint, a full disk: DatasetError, ValueError,
+    OSError) ends as one line on stderr and exit code 1, an interrupt (Ctrl-C, SIGTERM) as one line and exit
+    code 128 + the signal; the notes the loop adds (where it saved the state) go on that line. Anything else
+    is a bug and keeps its traceback.
+
+    Without the teardown, a rank that exits while gloo's threads are still alive can abort with
     "terminate called without an active exception" (SIGABRT) after training has succeeded.
     The barrier is only taken on success: after an error the other ranks may never reach it.
     """
     try:
         yield
-    except BaseException:
+    except BaseException as e:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        if isinstance(e, KeyboardInterrupt):
+            print(_one_line("interrupted", e), file=sys.stderr)
+            raise SystemExit(128 + getattr(e, "signum", signal.SIGINT)) from None
+        if isinstance(e, (DatasetError, ValueError, OSError)):
+            raise SystemExit(_one_line("error", e)) from None
         raise
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
@@ -107,21 +127,21 @@ def save_train_state(path: Path, config: ModelConfig, model: torch.nn.Module, op
 
 
 def load_train_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[int, dict]:
-    """Restore what `save_train_state` wrote; returns (step, extra)."""
+    """Restore what `save_train_state` wrote (its tensors' digests checked); returns (step, extra)."""
     if not path.is_file():
-        raise CheckpointError(f"{path}: no training state to resume from")
+        raise CheckpointError(f"{path}: no training state to resume from; leave out --resume to start afresh")
+    file = read_tensor_file(path)
+    meta = file.metadata
+    if meta.get("kind") != "train_state":
+        raise CheckpointError(f"{path}: not a training state file (kind={meta.get('kind')!r})")
     model_state, optim_state = {}, {}
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
-        if meta.get("kind") != "train_state":
-            raise CheckpointError(f"{path}: not a training state file (kind={meta.get('kind')!r})")
-        for key in f.keys():
-            group, _, name = key.partition(".")
-            if group == "model":
-                model_state[name] = f.get_tensor(key)
-            else:
-                idx, _, field = name.partition(".")
-                optim_state.setdefault(int(idx), {})[field] = f.get_tensor(key)
+    for key, tensor in file.tensors.items():
+        group, _, name = key.partition(".")
+        if group == "model":
+            model_state[name] = tensor
+        else:
+            idx, _, field = name.partition(".")
+            optim_state.setdefault(int(idx), {})[field] = tensor
     model.load_state_dict(model_state)
     optimizer.load_state_dict({"state": optim_state, "param_groups": json.loads(meta["param_groups"])})
     return int(meta["step"]), json.loads(meta["extra"])
@@ -154,13 +174,22 @@ def replica_divergence(model: torch.nn.Module, world: int) -> float:
     return diff.item()
 
 
-def raise_on_sigterm() -> None:
-    """Turn SIGTERM (kill, schedulers, torchrun shutting down) into KeyboardInterrupt, so the loop saves its state."""
+def raise_on_sigterm() -> Callable[[], None]:
+    """Make SIGTERM raise `Terminated` (a KeyboardInterrupt) in the main thread, so the loop saves its state;
+    returns the function that puts the previous handler back."""
     def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
+        raise Terminated(signum)
 
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return lambda: None
+    previous = signal.signal(signal.SIGTERM, handler)
+    return lambda: signal.signal(signal.SIGTERM, previous)
+
+
+def _one_line(kind: str, e: BaseException) -> str:
+    """`kind: message; note; note` on one line (the notes say what the loop saved)."""
+    text = "; ".join(filter(None, [str(e), *getattr(e, "__notes__", ())]))
+    return " ".join(f"{kind}: {text}".split()) if text else kind
 
 
 def warmup_cosine_lr(peak: float, step: int, warmup: int, steps: int) -> float:

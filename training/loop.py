@@ -3,7 +3,8 @@
 A stage (training.vae, training.diffusion) builds its data, model and objective and hands them over
 as a `Stage`; `run` does the rest the same way for both: resume, DDP, warm-up + cosine learning
 rate, gradient clipping, JSONL log and progress bar, periodic evaluation, state saves every few
-seconds and on interrupt (Ctrl-C or SIGTERM), the replica check and the final state.
+seconds and when an interrupt (Ctrl-C or SIGTERM) or an error stops it, the replica check and the final
+state. Temporary files of a save killed half-way are removed when a run starts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from ln3diff_rt.checkpoint import remove_stale_temporaries
 from ln3diff_rt.config import ModelConfig
 from training.common import (
     Dist,
@@ -68,7 +70,7 @@ class Stage:
     model: nn.Module  # the optimised weights: gradients are clipped and replicas compared on these
     state: nn.Module  # all the training state holds: `model`, plus its EMA where there is one
     objective: nn.Module  # forward(*batch, generator) -> (loss, {name: detached part to log}); DDP wraps it
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer  # a param group's own "peak_lr", where it has one, replaces cfg.lr for it
     num_items: int  # training items the batch indices are drawn from
     batch: Callable[[list[int], int, torch.Generator], tuple]  # (item indices, step, generator) -> objective inputs
     finish: Callable[[int], dict]  # rank 0 after the last step: write the model; returns extra `done` fields
@@ -81,11 +83,14 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
     """Train from step 0 (or the saved step when cfg.resume) to cfg.steps; returns the last step.
 
     Every random draw of a step comes from `step_generator(seed, step, rank)` and the data order
-    from `batch_indices`, so a resumed run repeats the uninterrupted one exactly.
+    from `batch_indices`, so a resumed run repeats the uninterrupted one exactly. An interrupt or an error
+    after a completed step saves the state first and says so in a note on the exception.
     """
     out = Path(cfg.out)
     state_path = out / "train_state.safetensors"
-    step = load_train_state(state_path, stage.state, stage.optimizer)[0] if cfg.resume else 0
+    if dist_env.main:
+        remove_stale_temporaries(out)
+    step = start = load_train_state(state_path, stage.state, stage.optimizer)[0] if cfg.resume else 0
     wrapped = DistributedDataParallel(stage.objective) if dist_env.world > 1 else stage.objective
     log = JsonlLog(out / "log.jsonl", dist_env.main)
     log.write(event="start", step=step, config=dataclasses.asdict(cfg), world=dist_env.world, **stage.info)
@@ -95,9 +100,10 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
             save_train_state(state_path, stage.config, stage.state, stage.optimizer, step,
                              {"train_config": dataclasses.asdict(cfg)})
 
-    raise_on_sigterm()
+    restore_sigterm = raise_on_sigterm()
     last_save = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc=stage.name, dynamic_ncols=True)
+    updating = False  # from optimizer.step() to step += 1 the weights belong to no step: nothing to save then
     try:
         while step < cfg.steps:
             t0 = time.time()
@@ -105,15 +111,17 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
             idx = batch_indices(stage.num_items, cfg.batch_size, step, cfg.seed, dist_env.rank, dist_env.world)
             batch = stage.batch(idx, step, g)
             for group in stage.optimizer.param_groups:
-                group["lr"] = warmup_cosine_lr(cfg.lr, step, cfg.warmup, cfg.steps)
+                group["lr"] = warmup_cosine_lr(group.get("peak_lr", cfg.lr), step, cfg.warmup, cfg.steps)
             loss, parts = wrapped(*batch, g)
             stage.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), 1.0)
+            updating = True
             stage.optimizer.step()
             if stage.after_step is not None:
                 stage.after_step()
             step += 1
+            updating = False
             record = {k: round(v.item(), 5) for k, v in parts.items()}
             record.update(loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
                           lr=stage.optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
@@ -127,10 +135,18 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
             if time.time() - last_save > cfg.save_every:
                 save(step)
                 last_save = time.time()
-    except KeyboardInterrupt:
-        save(step)
-        bar.write(f"interrupted at step {step}: state saved to {state_path}; continue with --resume")
+    except (KeyboardInterrupt, Exception) as e:  # keep what the completed steps did; the entry point reports
+        bar.close()
+        if dist_env.main and updating:
+            e.add_note(f"state not saved: stopped inside the optimizer update of step {step + 1}")
+        elif dist_env.main and step > start:
+            save(step)
+            e.add_note(f"state at step {step} saved to {state_path}; continue with --resume")
+        elif dist_env.main:
+            e.add_note(f"no step completed since step {start}: nothing new to save")
         raise
+    finally:
+        restore_sigterm()
     bar.close()
     save(step)
     divergence = replica_divergence(stage.model, dist_env.world)  # collective: every rank calls it

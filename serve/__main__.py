@@ -1,7 +1,8 @@
 """`python -m serve --ckpt PATH [--port 50051] [--device cpu] ...`: run the ln3diff.v1 gRPC server.
 
 SIGTERM or SIGINT starts a graceful shutdown: health turns NOT_SERVING, new RPCs are refused,
-in-flight ones get `--grace` seconds to finish and are then cancelled. Logs are JSON lines on stderr.
+in-flight ones get `--grace` seconds to finish and are then cancelled (the worker stops at its next
+check, within one ray or field-query chunk), and the process exits 0. Logs are JSON lines on stderr.
 """
 
 from __future__ import annotations
@@ -39,17 +40,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=20.0,
                    help="how long the oldest waiting request waits for batch partners")
     p.add_argument("--max-queue", type=int, default=32, help="waiting requests beyond this get RESOURCE_EXHAUSTED")
-    p.add_argument("--token", default=os.environ.get("LN3DIFF_TOKEN"),
-                   help="require 'authorization: Bearer TOKEN' (default: $LN3DIFF_TOKEN; unset: no auth)")
+    token = p.add_mutually_exclusive_group()
+    token.add_argument("--token-file", type=Path, default=None,
+                       help="file holding the bearer token every RPC but health must send as 'authorization: Bearer "
+                            "TOKEN' (default: $LN3DIFF_TOKEN; neither: no auth)")
+    token.add_argument("--token", default=None,
+                       help="the token itself: visible to every user of the machine in ps, so prefer --token-file "
+                            "or $LN3DIFF_TOKEN (kept, with a warning)")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key (with --tls-cert)")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this HTTP port")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address /metrics listens on (default: this machine only, whatever --host is)")
     p.add_argument("--grace", type=float, default=10.0, help="seconds in-flight requests get on shutdown")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = p.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         p.error("--tls-cert and --tls-key go together")
-    for name in ("ckpt", "tls_cert", "tls_key"):
+    for name in ("ckpt", "tls_cert", "tls_key", "token_file"):
         path = getattr(args, name)
         if path is not None and not path.is_file():
             p.error(f"--{name.replace('_', '-')} {path}: no such file")
@@ -58,10 +66,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def token_of(args: argparse.Namespace) -> str | None:
+    """The bearer token: --token-file's content, else --token (with a warning: ps shows it), else $LN3DIFF_TOKEN;
+    None: no auth."""
+    if args.token_file is not None:
+        token = args.token_file.read_text().strip()
+        if not token:
+            raise ValueError(f"--token-file {args.token_file} is empty")
+        return token
+    if args.token is not None:
+        log.warning("--token is visible to every user of this machine (ps, /proc); use --token-file or "
+                    "$LN3DIFF_TOKEN instead")
+        return args.token or None
+    return os.environ.get("LN3DIFF_TOKEN") or None
+
+
 async def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
-                          max_queue=args.max_queue, token=args.token or None, tls_cert=args.tls_cert,
-                          tls_key=args.tls_key, metrics_port=args.metrics_port)
+                          max_queue=args.max_queue, token=token_of(args), tls_cert=args.tls_cert,
+                          tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     encoders = tuple(args.image_encoders) if args.image_encoders else None
     server = Server(lambda: Generator.from_checkpoint(args.ckpt, args.device, args.backend, args.engine,
                                                       text_encoder=args.text_encoder, image_encoders=encoders), config)

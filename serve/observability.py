@@ -14,7 +14,8 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
 
 
 class Metrics:
-    """Requests by method and status, latency per RPC and per stage, queue depth, batch sizes."""
+    """Requests by method and status, latency per RPC and per stage, queue depth, batch sizes, worker time lost
+    to requests nobody waited for any more."""
 
     def __init__(self):
         self.registry = CollectorRegistry()
@@ -29,6 +30,9 @@ class Metrics:
         self.in_flight = Gauge("ln3diff_in_flight", "Generate RPCs admitted and not finished", registry=r)
         self.batch_size = Histogram("ln3diff_batch_size", "Requests sampled together in one sampler call",
                                     buckets=BATCH_BUCKETS, registry=r)
+        self.worker_blocked = Histogram("ln3diff_worker_blocked_seconds", "Worker time per batch spent after its "
+                                        "last wanted request went away (cancel, deadline, shutdown)",
+                                        buckets=STAGE_BUCKETS, registry=r)
         self._http = None
 
     def serve_http(self, port: int, addr: str = "0.0.0.0") -> int:

@@ -5,8 +5,11 @@ run as one `ln3diff_rt.runner.run`: sampled and decoded once, then meshed, expor
 request by request, each result sent as soon as it is ready. The worker waits at most `max_wait_s`
 after the oldest waiting request for partners, so a lone request pays that much latency and a
 burst fills the batch. Cancellation (client cancel, deadline, shutdown) is checked by the runner
-between stages, after every sampling step, per field-query chunk and per preview frame; a
-request that is gone is dropped, and a batch whose requests are all gone stops at once.
+between stages, after every sampling step, per field-query chunk and per preview ray chunk; a
+request that is gone is dropped, and a batch whose requests are all gone stops at once. The time
+the worker still spends on a batch after its last wanted request went away is measured
+(`ln3diff_worker_blocked_seconds`): one chunk's time, or an uninterruptible step (marching cubes,
+decimation, export), each bounded by the server's cost limits.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     enqueued_at: float = field(default_factory=time.monotonic)
     _cancelled: threading.Event = field(default_factory=threading.Event)
+    _cancelled_at: float | None = None
 
     @property
     def key(self) -> tuple:
@@ -70,7 +74,16 @@ class Job:
         return self.spec.sampling_key
 
     def cancel(self) -> None:
+        if self._cancelled_at is None:
+            self._cancelled_at = time.monotonic()
         self._cancelled.set()
+
+    @property
+    def gone_at(self) -> float | None:
+        """When nobody wanted the result any more (cancel or deadline), if that has happened yet."""
+        now = time.monotonic()
+        passed = [t for t in (self._cancelled_at, self.deadline) if t is not None and t <= now]
+        return min(passed) if passed else None
 
     @property
     def gone(self) -> bool:
@@ -95,6 +108,7 @@ class Scheduler:
         self.generator, self.metrics = generator, metrics
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._queue: list[Job] = []
+        self._running: list[Job] = []  # the batch the worker runs now
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="ln3diff-worker", daemon=True)
@@ -103,16 +117,21 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Refuse queued requests, let the running batch notice its cancelled requests, join the worker."""
+        """Refuse queued requests, cancel the running batch (it stops at its next check), join the worker."""
         with self._cond:
             self._stopping = True
             dropped, self._queue = self._queue, []
+            running = list(self._running)
             self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         for job in dropped:
             job.cancel()
             job.post("shutdown", "the server is shutting down; retry on another replica or later")
+        for job in running:
+            job.cancel()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.error("the worker did not stop in time", extra={"fields": {"timeout_seconds": timeout}})
 
     def submit(self, job: Job) -> int:
         """Queue a job; returns how many were waiting ahead of it. QueueFull when `max_queue` wait already."""
@@ -137,6 +156,9 @@ class Scheduler:
                 log.exception("batch failed", extra={"fields": {"requests": [j.request_id for j in batch]}})
                 for job in batch:
                     job.post("error", "internal error while generating; see the server log")
+            finally:
+                with self._cond:
+                    self._running = []
 
     def _next_batch(self) -> list[Job] | None:
         """The oldest waiting job and up to max_batch - 1 compatible ones, waiting up to max_wait_s for them."""
@@ -156,6 +178,7 @@ class Scheduler:
                 self._cond.wait(remaining)
             taken = set(map(id, batch))
             self._queue = [j for j in self._queue if id(j) not in taken]
+            self._running = batch
             self.metrics.queue_depth.set(len(self._queue))
             return batch
 
@@ -169,7 +192,7 @@ class Scheduler:
                 if not job.gone:
                     job.post("progress", (stage, step, total))
 
-        first = True
+        first, served = True, {}  # id(job) -> when its result was posted
         try:
             for result in run(self.generator, [j.spec for j in batch], progress=progress,
                               alive=lambda i: not batch[i].gone):
@@ -181,8 +204,13 @@ class Scheduler:
                 out = _output(result, {"queue": started - job.enqueued_at, **result.timings}, len(batch))
                 out.warnings = self.generator.prompt_warnings(job.spec.prompt)
                 job.post("result", out)
+                served[id(job)] = time.monotonic()
         except Cancelled:
             log.info("batch cancelled", extra={"fields": {"requests": [j.request_id for j in batch]}})
+        finally:
+            end = time.monotonic()  # the worker was blocked from when the last job it served or still wanted left
+            wanted_until = max(served.get(id(j)) or j.gone_at or end for j in batch)
+            self.metrics.worker_blocked.observe(max(0.0, end - wanted_until))
 
 
 def _output(result: GenerationResult, timings: dict[str, float], batch_size: int) -> Output:

@@ -3,14 +3,15 @@
 The event loop never runs the model: handlers check the request, queue a `Job` for the
 scheduler's worker thread and relay its events (progress, then the result) to the client.
 Health reports NOT_SERVING until the model is loaded and warmed, then SERVING, and NOT_SERVING
-again from the start of a graceful shutdown.
+again from the start of a graceful shutdown. Requests arrive as bytes and each handler decodes its
+own, after the token check: bytes that are no message are INVALID_ARGUMENT like any bad field, counted
+in the metrics and logged in the RPC's one line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hmac
 import logging
 import threading
 import time
@@ -23,16 +24,23 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ln3diff_rt.checkpoint import file_sha256
 from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
 from ln3diff_rt.options import GenerationOptions, InvalidOption
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import Request, run
+from serve.auth import BearerTokenInterceptor, tls_credentials
 from serve.ln3diff.v1 import generator_pb2 as pb
 from serve.ln3diff.v1 import generator_pb2_grpc as pb_grpc
 from serve.observability import Metrics
 from serve.scheduler import Job, Output, QueueFull, Scheduler, ShuttingDown
-from serve.validation import DEFAULT_FORMATS, Limits, check_request
+from serve.validation import (
+    DEFAULT_FORMATS,
+    Limits,
+    check_request,
+    decode_request,
+    unary_reply_bytes,
+    unary_reply_refusal,
+)
 
 log = logging.getLogger("serve")
 SERVICE = pb.DESCRIPTOR.services_by_name["Generator"].full_name  # "ln3diff.v1.Generator"
@@ -51,37 +59,8 @@ class ServerConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     metrics_port: int | None = None  # Prometheus /metrics over HTTP; 0 picks a free port
+    metrics_host: str = "127.0.0.1"  # where /metrics listens: this machine only unless told otherwise
     limits: Limits = field(default_factory=Limits)
-
-
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
-    """UNAUTHENTICATED unless the metadata holds `authorization: Bearer <token>`; health stays open to probes."""
-
-    EXEMPT = ("/grpc.health.v1.Health/",)
-
-    def __init__(self, token: str, metrics: Metrics):
-        self.expected, self.metrics = f"Bearer {token}".encode(), metrics
-
-    async def intercept_service(self, continuation, details):
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(self.EXEMPT):
-            return handler
-        sent = dict(details.invocation_metadata or ()).get("authorization", "")
-        if hmac.compare_digest(sent.encode(), self.expected):
-            return handler
-        self.metrics.requests.labels(details.method.rsplit("/", 1)[-1], "UNAUTHENTICATED").inc()
-        return _refusal(handler)
-
-
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    async def refuse(request_or_iterator, context):
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                            "missing or wrong bearer token: send metadata 'authorization: Bearer <token>'")
-
-    kind = {(False, False): grpc.unary_unary_rpc_method_handler, (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler, (True, True): grpc.stream_stream_rpc_method_handler}
-    return kind[handler.request_streaming, handler.response_streaming](
-        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
 
 class GeneratorService(pb_grpc.GeneratorServicer):
@@ -90,31 +69,38 @@ class GeneratorService(pb_grpc.GeneratorServicer):
         self.scheduler: Scheduler | None = None
         self.info: pb.ModelInfo | None = None
 
-    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
-        await self._handle("Generate", request, context, stream=True)
+    async def Generate(self, data: bytes, context: grpc.aio.ServicerContext) -> None:
+        await self._handle("Generate", data, context, stream=True)
 
-    async def GenerateUnary(self, request: pb.GenerateRequest,
-                            context: grpc.aio.ServicerContext) -> pb.GenerateUnaryResponse:
-        return await self._handle("GenerateUnary", request, context, stream=False)
+    async def GenerateUnary(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.GenerateUnaryResponse:
+        return await self._handle("GenerateUnary", data, context, stream=False)
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(self, data: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+        try:
+            decode_request(pb.GetModelInfoRequest, data)
+        except InvalidOption as e:
+            self.metrics.requests.labels("GetModelInfo", "INVALID_ARGUMENT").inc()
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if self.info is None:
             self.metrics.requests.labels("GetModelInfo", "UNAVAILABLE").inc()
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the model is loading; retry when health says SERVING")
         self.metrics.requests.labels("GetModelInfo", "OK").inc()
         return self.info
 
-    async def _handle(self, method: str, request: pb.GenerateRequest, context: grpc.aio.ServicerContext,
+    async def _handle(self, method: str, data: bytes, context: grpc.aio.ServicerContext,
                       stream: bool) -> pb.GenerateUnaryResponse | None:
         """Admit, relay progress (streaming only), then send the result; metrics and one log line per RPC."""
         start, code, job = time.monotonic(), grpc.StatusCode.OK, None
         request_id = uuid.uuid4().hex[:16]
+        limits = self.config.limits
         try:
             if self.scheduler is None:
                 code = grpc.StatusCode.UNAVAILABLE
                 await context.abort(code, "the model is loading; retry when health says SERVING")
             try:
-                spec = check_request(request, self.config.limits, self.scheduler.generator)
+                spec = check_request(decode_request(pb.GenerateRequest, data), limits, self.scheduler.generator)
+                if not stream and (estimate := unary_reply_bytes(spec)) > limits.max_unary_reply_bytes:
+                    raise unary_reply_refusal(spec, estimate, limits.max_unary_reply_bytes, measured=False)
             except InvalidOption as e:
                 code = grpc.StatusCode.INVALID_ARGUMENT
                 await context.abort(code, str(e))
@@ -141,12 +127,14 @@ class GeneratorService(pb_grpc.GeneratorServicer):
                 elif kind == "result":
                     break
             payload.timings["total"] = time.monotonic() - start
-            result = result_message(job, payload)
+            result = result_message(job.spec, job.request_id, payload)
             if not stream:
-                return pb.GenerateUnaryResponse(result=result, meshes=[pb.Mesh(format=f, data=d) for f, d, _ in
-                                                                        payload.meshes],
-                                                previews=[pb.Preview(index=i, png=p) for i, p in
-                                                          enumerate(payload.previews)])
+                reply = unary_message(payload, result)
+                if (size := reply.ByteSize()) > limits.max_unary_reply_bytes:  # the estimate missed: never send it
+                    code = grpc.StatusCode.INVALID_ARGUMENT
+                    await context.abort(code, str(unary_reply_refusal(job.spec, size, limits.max_unary_reply_bytes,
+                                                                      measured=True)))
+                return reply
             for message in stream_messages(payload, result):
                 await context.write(message)
             return None
@@ -175,12 +163,13 @@ class GeneratorService(pb_grpc.GeneratorServicer):
             log.info("rpc", extra={"fields": fields})
 
 
-def result_message(job: Job, out: Output) -> pb.Result:
-    o = job.spec.options
+def result_message(spec: Request, request_id: str, out: Output) -> pb.Result:
+    """The Result of one request: the settings it ran with and what it produced (this server and serve.ray_app)."""
+    o = spec.options
     result = pb.Result(
-        request_id=job.request_id, seed=job.spec.seed, steps=o.steps, guidance=o.guidance, shift=o.shift,
-        sampler=o.sampler, mesh_resolution=o.mesh_resolution if job.spec.mesh else 0,
-        faces_budget=(o.faces or 0) if job.spec.mesh else 0,
+        request_id=request_id, seed=spec.seed, steps=o.steps, guidance=o.guidance, shift=o.shift,
+        sampler=o.sampler, mesh_resolution=o.mesh_resolution if spec.mesh else 0,
+        faces_budget=(o.faces or 0) if spec.mesh else 0,
         meshes=[pb.MeshInfo(format=f, size=len(d), sha256=h) for f, d, h in out.meshes], mesh_empty=out.mesh_empty,
         vertex_count=out.vertex_count, face_count=out.face_count, preview_count=len(out.previews),
         batch_size=out.batch_size, timings=out.timings, warnings=out.warnings)
@@ -201,17 +190,36 @@ def stream_messages(out: Output, result: pb.Result):
     yield pb.GenerateResponse(result=result)
 
 
+def unary_message(out: Output, result: pb.Result) -> pb.GenerateUnaryResponse:
+    """GenerateUnary's reply: the Result with every mesh file and preview in one message."""
+    return pb.GenerateUnaryResponse(result=result, meshes=[pb.Mesh(format=f, data=d) for f, d, _ in out.meshes],
+                                    previews=[pb.Preview(index=i, png=p) for i, p in enumerate(out.previews)])
+
+
+def add_generator_service(service: GeneratorService, server: grpc.aio.Server) -> None:
+    """Register the Generator methods as the generated add_GeneratorServicer_to_server does, but with the request
+    bytes left undecoded: gRPC would answer bytes that are no message with UNKNOWN and log a traceback."""
+    handlers = {}
+    for method in pb.DESCRIPTOR.services_by_name["Generator"].methods:
+        kind = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        reply = getattr(pb, method.output_type.name)
+        handlers[method.name] = kind(getattr(service, method.name), response_serializer=reply.SerializeToString)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
 def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
     """The model, and every option's effective bounds (the option's own, tightened by Limits) and default."""
     cfg, lim, defaults = generator.config, config.limits, generator.default_options()
     limits = pb.Limits(max_prompt_chars=lim.max_prompt_chars, max_queue=config.max_queue, max_batch=config.max_batch,
-                       max_image_bytes=lim.max_image_bytes)
+                       max_image_bytes=lim.max_image_bytes, max_preview_pixels=lim.max_preview_pixels,
+                       max_unary_reply_bytes=lim.max_unary_reply_bytes)
     for name, (lo, hi) in lim.effective_bounds().items():
         for prefix, value in (("min_", lo), ("max_", hi)):
             if prefix + name in pb.Limits.DESCRIPTOR.fields_by_name:
                 setattr(limits, prefix + name, value)
     return pb.ModelInfo(
-        preset=cfg.preset, checkpoint=generator.models.path.name, checkpoint_sha256=file_sha256(generator.models.path),
+        preset=cfg.preset, checkpoint=generator.models.path.name, checkpoint_sha256=generator.models.sha256,
         backend=generator.backend, device=str(generator.device), latent_shape=list(cfg.latent_shape),
         triplane_shape=list(cfg.triplane_shape), text_encoder=cfg.text_encoder, formats=list(MESH_FORMATS),
         samplers=list(generator.samplers), limits=limits,
@@ -244,7 +252,7 @@ class Server:
         # No SO_REUSEPORT: gRPC sets it by default, and a second server on a bound port then starts and silently
         # takes half the requests; without it the bind fails and the second server says so.
         self.grpc = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-        pb_grpc.add_GeneratorServicer_to_server(self.service, self.grpc)
+        add_generator_service(self.service, self.grpc)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -252,10 +260,13 @@ class Server:
         address = f"{c.host}:{c.port}"
         if (c.tls_cert is None) != (c.tls_key is None):
             raise ValueError("TLS needs both tls_cert and tls_key (PEM files)")
+        if c.token and c.tls_cert is None:
+            log.warning("a bearer token without TLS: the token and every request cross the network readable; give "
+                        "a TLS certificate and key, or keep the server on 127.0.0.1",
+                        extra={"fields": {"host": c.host}})
+        credentials = tls_credentials(Path(c.tls_cert), Path(c.tls_key)) if c.tls_cert is not None else None
         try:
-            if c.tls_cert is not None:
-                credentials = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(),
-                                                            Path(c.tls_cert).read_bytes())])
+            if credentials is not None:
                 self.port = self.grpc.add_secure_port(address, credentials)
             else:
                 self.port = self.grpc.add_insecure_port(address)
@@ -264,9 +275,10 @@ class Server:
                           f"this machine's ({e})") from e
         await self.grpc.start()
         if c.metrics_port is not None:
-            self.metrics_port = self.metrics.serve_http(c.metrics_port, c.host)
+            self.metrics_port = self.metrics.serve_http(c.metrics_port, c.metrics_host)
         log.info("listening", extra={"fields": {"host": c.host, "port": self.port, "tls": c.tls_cert is not None,
-                                                "auth": bool(c.token), "metrics_port": self.metrics_port}})
+                                                "auth": bool(c.token), "metrics_host": c.metrics_host,
+                                                "metrics_port": self.metrics_port}})
         return self.port
 
     async def load(self) -> None:
@@ -279,8 +291,12 @@ class Server:
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"fields": {"preset": info.preset, "checkpoint": info.checkpoint,
+                                              "checkpoint_sha256": info.checkpoint_sha256,
                                               "backend": info.backend, "device": info.device,
                                               "load_and_warm_seconds": round(time.perf_counter() - t, 3)}})
+        if not self.scheduler.generator.models.sha256_verified:
+            log.warning("the checkpoint records no tensor digests (written before they were), so its integrity was "
+                        "not checked; re-save it to add them", extra={"fields": {"checkpoint": info.checkpoint}})
 
     def _load_and_warm(self) -> tuple[Generator, pb.ModelInfo]:
         generator = self.load_generator()

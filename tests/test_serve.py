@@ -27,7 +27,7 @@ import pytest
 import trimesh
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from ln3diff_rt.checkpoint import file_sha256
+from ln3diff_rt.checkpoint import load_models
 from ln3diff_rt.pipeline import Generator
 from serve import codegen
 from serve.client import Client, IntegrityError, assemble, build_request
@@ -138,7 +138,7 @@ def test_client_rejects_corrupt_or_reordered_chunks():
 def test_model_info(client, checkpoint):
     info = client.model_info()
     assert info.preset == "tiny" and info.backend == "eager" and info.device == "cpu"
-    assert info.checkpoint_sha256 == file_sha256(checkpoint)
+    assert info.checkpoint_sha256 == load_models(checkpoint).sha256  # the tensors' digest, checked at load
     assert list(info.latent_shape) == [3, 4, 8, 8]
     assert info.limits.max_batch == 8 and info.limits.max_prompt_chars == 100
     assert info.defaults.steps == 8 and list(info.defaults.formats) == ["glb"]

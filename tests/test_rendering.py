@@ -8,7 +8,7 @@ import torch
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.config import RendererConfig
 from ln3diff_rt.models.field import TriplaneField
-from ln3diff_rt.rendering import importance_t, occupancy_grid, render_rays
+from ln3diff_rt.rendering import importance_t, occupancy_grid, render_chunked, render_rays
 
 RADIUS = 0.6
 
@@ -126,3 +126,24 @@ def test_rays_that_miss_the_occupied_cells_are_background():
     assert torch.equal(out.rgb[0, 1:], torch.tensor([[0.2, 0.4, 0.6]] * 2))
     assert torch.equal(out.opacity[0, 1:], torch.zeros(2))
     assert torch.equal(empty.rgb[0], torch.tensor([[0.2, 0.4, 0.6]] * 3))
+
+
+def test_chunked_rendering_checks_in_before_every_chunk_and_can_be_stopped():
+    cfg = RendererConfig(hidden=1, num_samples=16, num_importance=16)
+    field, planes = sphere_field(cfg), sphere_triplane(33)
+    origins, dirs = camera_rays(orbit_camera(60.0, 30.0, 2.5), intrinsics_from_fov(0.9, 25, 25), 25, 25)
+    origins, dirs = origins.reshape(1, -1, 3), dirs.reshape(1, -1, 3)  # 625 rays: 5 chunks of 128
+    calls = []
+    with torch.no_grad():
+        whole = render_rays(field, planes, origins, dirs, cfg)
+        chunked = render_chunked(field, planes, origins, dirs, cfg, chunk=128, on_chunk=lambda: calls.append(1))
+        assert len(calls) == 5 and torch.allclose(whole.rgb, chunked.rgb, atol=1e-6)
+
+        def stop_at_the_third():
+            if len(calls) == 7:
+                raise InterruptedError
+            calls.append(1)
+
+        with pytest.raises(InterruptedError):
+            render_chunked(field, planes, origins, dirs, cfg, chunk=128, on_chunk=stop_at_the_third)
+    assert len(calls) == 7  # two chunks rendered, the third refused

@@ -62,6 +62,17 @@ def camera_rays(c2w: torch.Tensor, intrinsics: torch.Tensor, height: int, width:
     return origins, dirs
 
 
+def project_points(points: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """World points [..., P, 3] seen by cameras c2w [..., 4, 4], intrinsics [..., 4] -> pixel coordinates
+    (u, v) [..., P, 2] (pixel centres at +0.5, as `camera_rays`) and depth along the view axis [..., P]
+    (positive in front of the camera)."""
+    cam = (points - c2w[..., None, :3, 3]) @ c2w[..., :3, :3]  # [..., P, 3] in camera axes
+    depth = -cam[..., 2]
+    fx, fy, cx, cy = (intrinsics[..., i, None] for i in range(4))
+    return torch.stack([cx + fx * cam[..., 0] / depth, cy - fy * cam[..., 1] / depth], dim=-1), depth
+
+
 def plucker_rays(origins: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     """Plücker embedding (d, o x d) [..., 6] of rays with unit directions."""
     return torch.cat([dirs, torch.cross(origins, dirs, dim=-1)], dim=-1)

@@ -2,7 +2,7 @@
 
 import torch
 
-from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, look_at, opencv_to_opengl
+from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, look_at, opencv_to_opengl, project_points
 
 
 def opencv_look_at(eye: torch.Tensor) -> torch.Tensor:
@@ -38,3 +38,18 @@ def test_opencv_opengl_round_trip_on_a_batch():
     assert gl.shape == cv.shape
     torch.testing.assert_close(gl[:, :3, 3], eyes)  # positions are kept
     torch.testing.assert_close(opencv_to_opengl(gl), cv)  # the same flip converts back
+
+
+def test_project_points_inverts_camera_rays():
+    c2w = torch.stack([look_at(torch.tensor([2.0, -1.5, 1.2]), torch.zeros(3)),
+                       look_at(torch.tensor([0.3, 3.0, -0.5]), torch.tensor([0.1, 0.0, 0.2]))])  # [2, 4, 4]
+    intrinsics = torch.tensor([[30.0, 32.0, 10.0, 6.5], [25.0, 25.0, 9.0, 7.0]])
+    origins, dirs = camera_rays(c2w, intrinsics, 13, 19)  # [2, 13, 19, 3]
+    distance = torch.linspace(1.0, 4.0, 13 * 19).reshape(1, 13, 19, 1)
+    points = (origins + distance * dirs).reshape(2, -1, 3)
+    uv, depth = project_points(points, c2w, intrinsics)
+    v, u = torch.meshgrid(torch.arange(13) + 0.5, torch.arange(19) + 0.5, indexing="ij")
+    torch.testing.assert_close(uv, torch.stack([u, v], dim=-1).reshape(1, -1, 2).expand(2, -1, -1), atol=1e-4, rtol=0)
+    forward = -c2w[:, None, :3, 2]  # the view axis
+    torch.testing.assert_close(depth, ((points - origins.reshape(2, -1, 3)) * forward).sum(-1))
+    assert (depth > 0).all()

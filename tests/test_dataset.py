@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from training.data.channels import write_exr
 from training.data.dataset import DatasetError, MultiViewDataset, load_object, read_transforms
 from training.data.synth import generate
 
@@ -147,6 +148,18 @@ def _remove_transforms(folder):
     (folder / "transforms.json").unlink()
 
 
+def _remove_normal_depth(folder):
+    (folder / "r_2_nd.exr").unlink()
+
+
+def _drop_one_albedo(folder):
+    _edit_json(folder, lambda d: d["frames"][3].pop("albedo_path"))
+
+
+def _small_exr(folder):
+    write_exr(folder / "r_1_nd.exr", np.zeros((8, 8, 4)))
+
+
 BROKEN = [  # (break it, what the message must name besides the transforms file)
     (_remove_image, ["frames[2]", "r_2.png", "not found"]),
     (_scale_pose, ["frames[1].transform_matrix", "rigid"]),
@@ -156,6 +169,9 @@ BROKEN = [  # (break it, what the message must name besides the transforms file)
     (_small_image, ["frames[4]", "r_4.png", "8x8"]),
     (_garbage_png, ["frames[1]", "r_1.png"]),
     (_remove_transforms, ["not found"]),
+    (_remove_normal_depth, ["frames[2].normal_depth_path", "r_2_nd.exr", "not found"]),
+    (_drop_one_albedo, ["frames[3]: no albedo_path while frames[0] has one"]),
+    (_small_exr, ["frames[1].normal_depth_path", "r_1_nd.exr is 8x8, expected 16x16"]),
 ]
 
 

@@ -1,15 +1,21 @@
-"""Multi-view object datasets in the NeRF-synthetic layout (`transforms.json` + RGBA images per object).
+"""Multi-view object datasets: one reader per on-disk layout, chosen from the object folder (`read_object`).
 
-Reads the synthetic generator's output and any NeRF-synthetic style capture: intrinsics from
-`camera_angle_x` (+ `camera_angle_y`) or `fl_x`/`fl_y`/`cx`/`cy` (+ `w`/`h`), top level or per frame,
-and `file_path` with or without its extension. Everything read is checked once, here, and problems
-raise `DatasetError` naming the file and the frame, so a training run can skip or stop on them.
+- NeRF-synthetic (`transforms.json` + RGBA images per object): the synthetic generator's output and any
+  NeRF-synthetic style capture: intrinsics from `camera_angle_x` (+ `camera_angle_y`) or
+  `fl_x`/`fl_y`/`cx`/`cy` (+ `w`/`h`), top level or per frame, and `file_path` with or without its
+  extension; optional per-frame `albedo_path` and `normal_depth_path` (in every frame or in none) name
+  the channel files of `training.data.channels`, in project units and axes.
+- G-Objaverse (`campos_512_v4/000NN/` per object, `training.data.gobjaverse`).
+
+Everything read is checked once, here, and problems raise `DatasetError` naming the file and the frame,
+so a training run can skip or stop on them.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -18,12 +24,20 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-RIGID_TOL = 1e-3  # max |R^T R - I| and |last row - (0, 0, 0, 1)|: float32 poses sit far below it
+from training.data.channels import decode_normal_depth, read_albedo, read_exr, read_exr_size
+from training.data.gobjaverse import VIEWS_DIR, is_gobjaverse, read_gobjaverse
+from training.data.records import (
+    CHANNELS,
+    DatasetError,
+    ObjectRecord,
+    check_number,
+    check_rigid,
+    check_size,
+    image_size,
+)
+
 IMAGE_SUFFIX = ".png"  # appended to extension-less file_path entries, as in the original NeRF-synthetic
-
-
-class DatasetError(Exception):
-    """A dataset file is missing or malformed; the message names the file and the frame."""
+CHANNEL_FIELDS = {"albedo_path": "albedo", "normal_depth_path": "normal_depth"}  # optional per-frame files
 
 
 @dataclass(frozen=True)
@@ -35,42 +49,6 @@ class ObjectViews:
     intrinsics: torch.Tensor
     caption: str | None
     meta: dict
-
-
-@dataclass(frozen=True)
-class ObjectRecord:
-    """What the validation pass learns from transforms.json and the image headers, no pixels decoded."""
-
-    transforms_path: Path
-    image_paths: tuple[Path, ...]
-    c2w: np.ndarray  # [V, 4, 4] float32
-    intrinsics: np.ndarray  # [V, 4] float32, (fx, fy, cx, cy) in pixels
-    height: int
-    width: int
-    caption: str | None
-    meta: dict  # the top-level fields other than frames
-
-
-def _number(value: object, where: str, positive: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise DatasetError(f"{where}: expected a finite number, got {type(value).__name__} {value!r:.60}")
-    if positive and value <= 0:
-        raise DatasetError(f"{where}: expected a positive number, got {value!r}")
-    return float(value)
-
-
-def _rigid_matrix(value: object, where: str) -> np.ndarray:
-    rows_ok = isinstance(value, list) and all(isinstance(r, list) and len(r) == 4 for r in value)
-    if not (rows_ok and len(value) == 4):
-        raise DatasetError(f"{where}: expected a 4x4 list of lists, got {json.dumps(value)[:80]}")
-    m = np.array([[_number(x, where) for x in row] for row in value], dtype=np.float64)
-    rot = m[:3, :3]
-    row_err = np.abs(m[3] - [0.0, 0.0, 0.0, 1.0]).max()
-    ortho_err = np.abs(rot.T @ rot - np.eye(3)).max()
-    if row_err > RIGID_TOL or ortho_err > RIGID_TOL or np.linalg.det(rot) < 0:
-        raise DatasetError(f"{where}: not a rigid camera-to-world matrix (last row off by {row_err:.3g}, "
-                           f"|R^T R - I| = {ortho_err:.3g}, det R = {np.linalg.det(rot):.3g})")
-    return m.astype(np.float32)
 
 
 def _resolve_image(folder: Path, file_path: str, where: str) -> Path:
@@ -87,9 +65,9 @@ def _camera_field(top: dict, frame: dict, key: str, tpath: Path, i: int, positiv
                   ) -> float | None:
     """A per-frame camera field, falling back to the top level; the error names where it was found."""
     if key in frame:
-        return _number(frame[key], f"{tpath}: frames[{i}].{key}", positive)
+        return check_number(frame[key], f"{tpath}: frames[{i}].{key}", positive)
     if key in top:
-        return _number(top[key], f"{tpath}: {key} (used by frames[{i}])", positive)
+        return check_number(top[key], f"{tpath}: {key} (used by frames[{i}])", positive)
     return None
 
 
@@ -140,6 +118,7 @@ def read_transforms(path: str | Path) -> ObjectRecord:
         raise DatasetError(f"{tpath}: 'caption' must be a string, got {type(caption).__name__}")
 
     image_paths, poses, intrinsics, size = [], [], [], None
+    channel_paths: dict[str, list[Path | None]] = {key: [] for key in CHANNEL_FIELDS}
     for i, frame in enumerate(frames):
         where = f"{tpath}: frames[{i}]"
         if not isinstance(frame, dict):
@@ -147,13 +126,9 @@ def read_transforms(path: str | Path) -> ObjectRecord:
         file_path = frame.get("file_path")
         if not isinstance(file_path, str):
             raise DatasetError(f"{where}.file_path: expected a string, got {type(file_path).__name__}")
-        poses.append(_rigid_matrix(frame.get("transform_matrix"), f"{where}.transform_matrix"))
+        poses.append(check_rigid(frame.get("transform_matrix"), f"{where}.transform_matrix"))
         image_path = _resolve_image(tpath.parent, file_path, f"{where}.file_path")
-        try:
-            with Image.open(image_path) as image:  # reads the header only
-                width, height = image.size
-        except (UnidentifiedImageError, OSError) as err:
-            raise DatasetError(f"{where}: cannot read image {image_path} ({err})") from err
+        width, height = image_size(image_path, where)  # reads the header only
         expected = (int(_camera_field(data, frame, "w", tpath, i) or width),
                     int(_camera_field(data, frame, "h", tpath, i) or height))
         if (width, height) != expected or (size is not None and (width, height) != size):
@@ -163,9 +138,32 @@ def read_transforms(path: str | Path) -> ObjectRecord:
         size = (width, height)
         intrinsics.append(_intrinsics(data, frame, width, height, tpath, i))
         image_paths.append(image_path)
+        for key, paths in channel_paths.items():
+            paths.append(_channel_file(tpath, frame, key, size, i))
+    for key, paths in channel_paths.items():
+        if any(p is None for p in paths) and any(p is not None for p in paths):
+            i, j = (next(n for n, p in enumerate(paths) if (p is None) == missing) for missing in (True, False))
+            raise DatasetError(f"{tpath}: frames[{i}]: no {key} while frames[{j}] has one (all frames or none)")
     return ObjectRecord(transforms_path=tpath, image_paths=tuple(image_paths), c2w=np.stack(poses),
                         intrinsics=np.array(intrinsics, dtype=np.float32), height=size[1], width=size[0],
-                        caption=caption, meta={k: v for k, v in data.items() if k != "frames"})
+                        caption=caption, meta={k: v for k, v in data.items() if k != "frames"},
+                        **{f"{CHANNEL_FIELDS[k]}_paths": None if paths[0] is None else tuple(paths)
+                           for k, paths in channel_paths.items()})
+
+
+def _channel_file(tpath: Path, frame: dict, key: str, size: tuple[int, int], i: int) -> Path | None:
+    """The checked path of frame i's optional channel file `key` (albedo_path, normal_depth_path), if any."""
+    if key not in frame:
+        return None
+    where = f"{tpath}: frames[{i}].{key}"
+    if not isinstance(frame[key], str):
+        raise DatasetError(f"{where}: expected a string, got {type(frame[key]).__name__}")
+    path = tpath.parent / frame[key]
+    if not path.is_file():
+        raise DatasetError(f"{where}: {frame[key]!r} not found (looked for {path})")
+    found = read_exr_size(path, where) if key == "normal_depth_path" else image_size(path, where)
+    check_size(path, found, size, where)
+    return path
 
 
 def load_image(record: ObjectRecord, frame: int) -> np.ndarray:
@@ -183,9 +181,44 @@ def load_image(record: ObjectRecord, frame: int) -> np.ndarray:
     return rgba
 
 
+def read_object(path: str | Path) -> ObjectRecord:
+    """Validate one object with the reader its layout needs: a transforms json, or a folder holding
+    transforms.json (NeRF-synthetic) or campos_512_v4/ (G-Objaverse; that folder itself works too)."""
+    path = Path(path)
+    if path.suffix == ".json" or (path / "transforms.json").is_file():
+        return read_transforms(path)
+    if is_gobjaverse(path) or path.name == VIEWS_DIR:
+        return read_gobjaverse(path if is_gobjaverse(path) else path.parent)
+    raise DatasetError(f"{path / 'transforms.json'}: transforms file not found, nor a G-Objaverse "
+                       f"{VIEWS_DIR}/ folder beside it")
+
+
+def load_channels(record: ObjectRecord, frame: int, alpha: np.ndarray, channels: Sequence[str]
+                  ) -> dict[str, np.ndarray]:
+    """Decode the requested channels of view `frame` at full size, float32: "albedo" [H, W, 3] over black
+    (premultiplied by `alpha`), "depth" [H, W] and "normal" [H, W, 3] as `channels.decode_normal_depth` gives
+    them (project units and axes, 0 where `alpha` [H, W] in [0, 1] is 0)."""
+    where = f"{record.transforms_path}: frames[{frame}]"
+    missing = sorted(set(channels) - record.channels)
+    if missing:
+        raise DatasetError(f"{where}: the object has no {', '.join(missing)} files")
+    out = {}
+    if "albedo" in channels:
+        albedo = read_albedo(record.albedo_paths[frame], where)
+        check_size(record.albedo_paths[frame], albedo.shape[1::-1], (record.width, record.height), where)
+        out["albedo"] = albedo.astype(np.float32) / 255.0
+    if "depth" in channels or "normal" in channels:
+        path = record.normal_depth_paths[frame]
+        nd = read_exr(path, where)
+        check_size(path, nd.shape[1::-1], (record.width, record.height), where)
+        depth, normal = decode_normal_depth(nd, alpha, record.c2w[frame], record.intrinsics[frame], record.layout)
+        out.update({k: v for k, v in (("depth", depth), ("normal", normal)) if k in channels})
+    return out
+
+
 def load_object(path: str | Path) -> ObjectViews:
-    """Read and validate every view of one object (its folder or its transforms json)."""
-    record = read_transforms(path)
+    """Read and validate every view of one object (any layout `read_object` knows)."""
+    record = read_object(path)
     images = np.stack([load_image(record, i) for i in range(len(record.image_paths))])
     return ObjectViews(images=torch.from_numpy(images).float() / 255.0, c2w=torch.from_numpy(record.c2w),
                        intrinsics=torch.from_numpy(record.intrinsics), caption=record.caption,
@@ -203,23 +236,34 @@ def choose_views(num_views: int, num_input: int, num_target: int, rng: np.random
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
-    """Objects under root/split/<object>/, each item a random set of input and target views.
+    """Objects under root/split/<object>/ in either layout, each item a random set of input and target views.
 
-    on_error="skip" drops objects that fail the validation pass at construction and objects whose
-    images fail to decode later (an item then falls back to the next object); every skip is in
-    `self.skipped` as (path, reason). DataLoader workers keep their own copy of `skipped` and of the
-    cache, so the complete report comes from the main process (num_workers=0) or from the
-    construction pass. on_error="raise" raises on the first problem.
+    An item holds input_images [Vi, 3, H, W] (RGB over white), input_c2w [Vi, 4, 4], input_intrinsics
+    [Vi, 4], the same for the targets plus target_masks [Vt, 1, H, W] (alpha), caption and index; and,
+    for each of `channels` (of "albedo", "depth", "normal"; "available": those every object has), target
+    views' target_albedos [Vt, 3, H, W] (unlit colour over white), target_depths [Vt, 1, H, W] (distance
+    along each pixel's ray given a hit, project units, as `RenderOutput.depth`; 0 where target_masks is 0)
+    and target_normals [Vt, 3, H, W] (unit world normals, 0 where target_masks is 0). Resizing averages
+    depth and normals weighted by alpha, so an edge pixel holds the surface's values, not the background's.
+
+    on_error="skip" drops objects that fail the validation pass at construction (a missing requested
+    channel included) and objects whose files fail to decode later (an item then falls back to the next
+    object); every skip is in `self.skipped` as (path, reason). DataLoader workers keep their own copy of
+    `skipped` and of the cache, so the complete report comes from the main process (num_workers=0) or
+    from the construction pass. on_error="raise" raises on the first problem.
     """
 
     def __init__(self, root: str | Path, split: str = "train", num_input_views: int = 4,
                  num_target_views: int = 4, image_size: int | tuple[int, int] | None = None,
-                 on_error: Literal["skip", "raise"] = "skip", seed: int = 0, cache: bool = False) -> None:
+                 on_error: Literal["skip", "raise"] = "skip", seed: int = 0, cache: bool = False,
+                 channels: Sequence[str] | Literal["available"] = ()) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if num_input_views < 1 or num_target_views < 1:
             raise ValueError(f"num_input_views and num_target_views must be >= 1, got "
                              f"{num_input_views} and {num_target_views}")
+        if channels != "available" and not set(channels) <= set(CHANNELS):
+            raise ValueError(f"channels must be 'available' or some of {', '.join(CHANNELS)}, got {channels!r}")
         split_dir = Path(root) / split
         if not split_dir.is_dir():
             raise DatasetError(f"{split_dir}: split folder not found")
@@ -230,7 +274,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
         self.records: list[ObjectRecord] = []
         for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             try:
-                self.records.append(read_transforms(folder))
+                record = read_object(folder)
+                missing = [] if channels == "available" else sorted(set(channels) - record.channels)
+                if missing:
+                    raise DatasetError(f"{record.transforms_path}: no {', '.join(missing)} files "
+                                       f"(the dataset was asked for {', '.join(channels)})")
+                self.records.append(record)
             except DatasetError as err:
                 if on_error == "raise":
                     raise
@@ -238,9 +287,12 @@ class MultiViewDataset(torch.utils.data.Dataset):
         if not self.records:
             reason = f"; first problem: {self.skipped[0][1]}" if self.skipped else ""
             raise DatasetError(f"{split_dir}: no valid objects ({len(self.skipped)} skipped){reason}")
+        have = frozenset.intersection(*(r.channels for r in self.records))
+        self.channels = tuple(c for c in CHANNELS if c in (have if channels == "available" else channels))
         self._failed: set[int] = set()
-        # Decoded views keyed by (object, frame), uint8 to stay small: CPU training re-reads them every epoch.
-        self._cache: dict[tuple[int, int], np.ndarray] | None = {} if cache else None
+        # Decoded views keyed by (object, frame): RGBa uint8 to stay small (CPU training re-reads them every
+        # epoch), the requested channels float32.
+        self._cache: dict[tuple[int, int], dict[str, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.records)
@@ -263,43 +315,80 @@ class MultiViewDataset(torch.utils.data.Dataset):
                 self.skipped.append((str(self.records[j].transforms_path.parent), str(err)))
         raise DatasetError(f"every object failed to load; first problem: {self.skipped[0][1]}")
 
-    def _image(self, j: int, frame: int) -> np.ndarray:
-        """Premultiplied RGBa uint8 [H, W, 4] at the output size, from the cache when enabled."""
+    def _view(self, j: int, frame: int) -> dict[str, np.ndarray]:
+        """One view at the output size, from the cache when enabled: "rgba" premultiplied uint8 [H, W, 4],
+        and per requested channel "albedo" (over white) [H, W, 3], "depth" [H, W, 1], "normal" [H, W, 3]."""
         if self._cache is not None and (j, frame) in self._cache:
             return self._cache[j, frame]
-        image = Image.fromarray(load_image(self.records[j], frame), "RGBA").convert("RGBa")
-        if self.image_size is not None and image.size != self.image_size[::-1]:
+        straight = load_image(self.records[j], frame)
+        image = Image.fromarray(straight, "RGBA").convert("RGBa")
+        resize = self.image_size is not None and image.size != self.image_size[::-1]
+        if resize:
             # Resizing premultiplied colour keeps the empty (RGB = 0) background from bleeding into edges;
             # PIL's bilinear filter widens with the scale factor, so downscaling is antialiased.
             image = image.resize(self.image_size[::-1], Image.Resampling.BILINEAR)
-        premultiplied = np.asarray(image)
+        view = {"rgba": np.asarray(image)}
+        if self.channels:
+            alpha = straight[..., 3].astype(np.float32) / 255.0
+            full = load_channels(self.records[j], frame, alpha, self.channels)
+            view.update(_weighted_channels(alpha, full, self.image_size if resize else None))
         if self._cache is not None:
-            self._cache[j, frame] = premultiplied
-        return premultiplied
+            self._cache[j, frame] = view
+        return view
 
-    def _views(self, j: int, frames: np.ndarray
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Views -> RGB over white [V, 3, H, W], alpha [V, 1, H, W], c2w [V, 4, 4], intrinsics [V, 4]."""
+    def _views(self, j: int, frames: np.ndarray, channels: bool = False) -> dict[str, torch.Tensor]:
+        """Views -> "images" (RGB over white) [V, 3, H, W], "masks" (alpha) [V, 1, H, W], "c2w" [V, 4, 4],
+        "intrinsics" [V, 4] and, with `channels`, "albedos", "depths", "normals" [V, C, H, W]."""
         record = self.records[j]
+        views = [self._view(j, int(f)) for f in frames]
         # Pixel work stays in numpy: torch's thread pool costs ~40x on tiny tensors on a busy 2-core machine.
-        rgba = np.stack([self._image(j, int(f)) for f in frames]).transpose(0, 3, 1, 2) / np.float32(255.0)
+        rgba = np.stack([v["rgba"] for v in views]).transpose(0, 3, 1, 2) / np.float32(255.0)
         alpha = rgba[:, 3:]
-        rgb = np.clip(rgba[:, :3] + (1.0 - alpha), 0.0, 1.0)
+        out = {"images": np.clip(rgba[:, :3] + (1.0 - alpha), 0.0, 1.0), "masks": alpha}
+        for name in self.channels if channels else ():
+            out[name + "s"] = np.stack([v[name] for v in views]).transpose(0, 3, 1, 2)
         intrinsics = record.intrinsics[frames]
         if self.image_size is not None:
             h, w = self.image_size
             sx, sy = w / record.width, h / record.height
             intrinsics = intrinsics * np.array([sx, sy, sx, sy], dtype=np.float32)
-        return (torch.from_numpy(np.ascontiguousarray(rgb)), torch.from_numpy(np.ascontiguousarray(alpha)),
-                torch.from_numpy(record.c2w[frames]), torch.from_numpy(intrinsics))
+        tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in out.items()}
+        return {**tensors, "c2w": torch.from_numpy(record.c2w[frames]), "intrinsics": torch.from_numpy(intrinsics)}
 
     def _item(self, j: int) -> dict:
         record = self.records[j]
         rng = np.random.default_rng([self.seed, self.epoch, j])
         inputs, targets = choose_views(len(record.image_paths), self.num_input_views,
                                        self.num_target_views, rng)
-        input_rgb, _, input_c2w, input_k = self._views(j, inputs)
-        target_rgb, target_alpha, target_c2w, target_k = self._views(j, targets)
-        return {"input_images": input_rgb, "input_c2w": input_c2w, "input_intrinsics": input_k,
-                "target_images": target_rgb, "target_masks": target_alpha, "target_c2w": target_c2w,
-                "target_intrinsics": target_k, "caption": record.caption or "", "index": j}
+        source = self._views(j, inputs)
+        target = self._views(j, targets, channels=True)
+        return {"input_images": source["images"], "input_c2w": source["c2w"], "input_intrinsics": source["intrinsics"],
+                **{f"target_{k}": v for k, v in target.items()}, "caption": record.caption or "", "index": j}
+
+
+def _weighted_channels(alpha: np.ndarray, full: dict[str, np.ndarray], size: tuple[int, int] | None
+                       ) -> dict[str, np.ndarray]:
+    """Full-size channels -> [h, w, C] at `size` (h, w) (None: as they are): albedo composited over white,
+    depth and normals averaged with alpha weights; white and 0 where the resized alpha is below half a uint8
+    step, as the mask (uint8) is 0 there."""
+    names = list(full)
+    stack = [alpha[..., None]] + [full[n] if n == "albedo" else alpha[..., None] * full[n].reshape(*alpha.shape, -1)
+                                  for n in names]
+    planes = np.concatenate(stack, axis=-1)
+    if size is not None:
+        h, w = size
+        planes = np.stack([np.asarray(Image.fromarray(np.ascontiguousarray(planes[..., c])).resize(
+            (w, h), Image.Resampling.BILINEAR)) for c in range(planes.shape[-1])], axis=-1)
+    a, out, start = planes[..., :1], {}, 1
+    valid = a >= 0.5 / 255.0
+    for name in names:
+        width = 1 if name == "depth" else 3
+        value = planes[..., start:start + width]
+        start += width
+        if name == "albedo":
+            out[name] = np.where(valid, np.clip(value + (1.0 - a), 0.0, 1.0), 1.0)
+        elif name == "depth":
+            out[name] = np.where(valid, value / np.maximum(a, 1e-12), 0.0)
+        else:
+            out[name] = np.where(valid, value / np.maximum(np.linalg.norm(value, axis=-1, keepdims=True), 1e-12), 0.0)
+    return {k: v.astype(np.float32) for k, v in out.items()}

@@ -1,11 +1,15 @@
 """Procedural multi-view data: coloured primitives rendered exactly by sphere tracing their SDFs.
 
-Each object is written in the NeRF-synthetic layout that training reads (`transforms.json` plus
-RGBA PNG views) with a caption such as "a small red torus", so the whole training and evaluation
-path runs on two CPU cores without downloading Objaverse. The analytic geometry stays available
-through `ObjectSpec` and `sdf`, which tests and evaluation use as ground truth.
+Each object is written with a caption such as "a small red torus" in either layout the readers take
+(`--layout`): NeRF-synthetic (`transforms.json` plus RGBA PNG views, the default) or G-Objaverse
+(`campos_512_v4/000NN/` with OpenCV camera JSONs in G-Objaverse's world scale and axes, the caption in
+`meta.json`). Both carry the same channels per view: RGBA (lit), albedo (the named colour, unlit) and
+normal + depth (`training.data.channels`), so the whole training and evaluation path runs on two CPU
+cores without downloading Objaverse. The analytic geometry stays available through `ObjectSpec` and
+`sdf`, which tests and evaluation use as ground truth.
 
     python -m training.data.synth --out data/synth --objects 500
+    python -m training.data.synth --out data/synth-gobjaverse --objects 500 --layout gobjaverse
 """
 
 from __future__ import annotations
@@ -24,6 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
+from training.data import gobjaverse
+from training.data.channels import encode_normal_depth, write_exr
+from training.data.records import NERF, Layout
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.12, 0.10),
@@ -51,6 +58,7 @@ AMBIENT, DIFFUSE = 0.4, 0.55
 
 HIT_EPS = 1e-4
 MAX_STEPS = 256
+LAYOUTS: dict[str, Layout] = {"nerf": NERF, "gobjaverse": gobjaverse.GOBJAVERSE}
 
 
 # Canonical shapes live in the unit frame: z in [-1, 1] and the footprint inside the unit disk in x-y,
@@ -198,11 +206,19 @@ def _normals(spec: ObjectSpec, points: np.ndarray) -> np.ndarray:
     return grad / np.maximum(np.linalg.norm(grad, axis=-1, keepdims=True), 1e-12)
 
 
-def render(spec: ObjectSpec, c2w: np.ndarray, intrinsics: np.ndarray, height: int, width: int) -> np.ndarray:
-    """RGBA uint8 [V, H, W, 4] of the object seen by cameras c2w [V, 4, 4] with intrinsics [4].
+@dataclass(frozen=True)
+class RenderedViews:
+    """What `render` sees: rgba uint8 [V, H, W, 4] (straight Lambert + ambient colour, binary alpha), and
+    where the alpha is 1 the distance along each pixel's ray to the surface, depth [V, H, W], and the unit
+    world normal [V, H, W, 3] (both 0 elsewhere)."""
 
-    RGB holds the straight Lambert + ambient colour (0 outside the object) and A the binary silhouette.
-    """
+    rgba: np.ndarray
+    depth: np.ndarray
+    normal: np.ndarray
+
+
+def render(spec: ObjectSpec, c2w: np.ndarray, intrinsics: np.ndarray, height: int, width: int) -> RenderedViews:
+    """The object seen by cameras c2w [V, 4, 4] with intrinsics [4]."""
     origins, dirs = camera_rays(torch.from_numpy(c2w), torch.from_numpy(intrinsics).double(), height, width)
     origins, dirs = origins.reshape(-1, 3).numpy(), dirs.reshape(-1, 3).numpy()
 
@@ -226,30 +242,54 @@ def render(spec: ObjectSpec, c2w: np.ndarray, intrinsics: np.ndarray, height: in
     graze = sdf(spec, origins[active] + t[:, None] * dirs[active]) < 0.5 * t / float(intrinsics[0])
     hit[active[graze]], t_hit[active[graze]] = True, t[graze]
 
-    rgba = np.zeros((len(dirs), 4))
+    rgba, normal = np.zeros((len(dirs), 4)), np.zeros((len(dirs), 3))
     idx = np.nonzero(hit)[0]
-    normals = _normals(spec, origins[idx] + t_hit[idx, None] * dirs[idx])
-    shade = AMBIENT + DIFFUSE * np.maximum(normals @ LIGHT_DIR, 0.0)
+    normal[idx] = _normals(spec, origins[idx] + t_hit[idx, None] * dirs[idx])
+    shade = AMBIENT + DIFFUSE * np.maximum(normal[idx] @ LIGHT_DIR, 0.0)
     rgba[idx, :3] = shade[:, None] * np.array(spec.colour_rgb)
     rgba[idx, 3] = 1.0
-    return np.round(rgba * 255.0).astype(np.uint8).reshape(len(c2w), height, width, 4)
+    shape = (len(c2w), height, width)
+    return RenderedViews(rgba=np.round(rgba * 255.0).astype(np.uint8).reshape(*shape, 4),
+                         depth=np.where(hit, t_hit, 0.0).reshape(shape), normal=normal.reshape(*shape, 3))
 
 
-def write_object(folder: Path, spec: ObjectSpec, c2w: np.ndarray, size: int) -> None:
-    """Render every view of `spec` and write the NeRF-synthetic folder (PNGs + transforms.json)."""
+def write_object(folder: Path, spec: ObjectSpec, c2w: np.ndarray, size: int, layout: str = "nerf") -> None:
+    """Render every view of `spec` and write the object folder in `layout` (one of LAYOUTS): RGBA, albedo
+    and normal + depth per view, the cameras c2w [V, 4, 4] (OpenGL, project units) and the caption."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     folder.mkdir(parents=True)
-    images = render(spec, c2w, intrinsics_from_fov(FOV_X, size, size).numpy(), size, size)
+    intrinsics = intrinsics_from_fov(FOV_X, size, size).numpy()
+    views = render(spec, c2w, intrinsics, size, size)
+    alpha = views.rgba[..., 3] / 255.0
+    albedo = np.round(alpha[..., None] * np.array(spec.colour_rgb) * 255.0).astype(np.uint8)  # over black
     frames = []
-    for i, (image, pose) in enumerate(zip(images, c2w, strict=True)):
-        Image.fromarray(image, "RGBA").save(folder / f"r_{i}.png")
-        frames.append({"file_path": f"r_{i}.png", "transform_matrix": pose.tolist()})
-    transforms = {"camera_angle_x": FOV_X, "w": size, "h": size, "caption": spec.caption,
-                  "ln3diff_synth": spec.to_meta(), "frames": frames}
-    (folder / "transforms.json").write_text(json.dumps(transforms, indent=2) + "\n")
+    for i, pose in enumerate(c2w):
+        if layout == "nerf":
+            names = {"image": f"r_{i}.png", "albedo": f"r_{i}_albedo.png", "normal_depth": f"r_{i}_nd.exr"}
+            paths = {k: folder / name for k, name in names.items()}
+            frames.append({"file_path": names["image"], "transform_matrix": pose.tolist(),
+                           "albedo_path": names["albedo"], "normal_depth_path": names["normal_depth"]})
+        else:
+            paths = gobjaverse.view_files(folder / gobjaverse.VIEWS_DIR, i)
+            paths["json"].parent.mkdir(parents=True)
+            box = [[-spec.scale] * 3, [spec.scale] * 3]  # holds any yaw of the canonical shape
+            paths["json"].write_text(json.dumps(gobjaverse.camera_json(pose, FOV_X, FOV_X, box), indent=4) + "\n")
+        Image.fromarray(views.rgba[i], "RGBA").save(paths["image"])
+        Image.fromarray(albedo[i], "RGB").save(paths["albedo"])
+        write_exr(paths["normal_depth"], encode_normal_depth(views.depth[i], views.normal[i], alpha[i], intrinsics,
+                                                             LAYOUTS[layout]))
+    if layout == "nerf":
+        transforms = {"camera_angle_x": FOV_X, "w": size, "h": size, "caption": spec.caption,
+                      "ln3diff_synth": spec.to_meta(), "frames": frames}
+        (folder / "transforms.json").write_text(json.dumps(transforms, indent=2) + "\n")
+    else:
+        meta = {"caption": spec.caption, "ln3diff_synth": spec.to_meta()}
+        (folder / gobjaverse.META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
 
 
 def generate(out_dir: str | Path, objects: int, views: int = 24, size: int = 64, seed: int = 0,
-             val_fraction: float = 0.1, progress: bool = False) -> list[dict]:
+             val_fraction: float = 0.1, progress: bool = False, layout: str = "nerf") -> list[dict]:
     """Write `objects` objects under out_dir/{train,val}/<id>/ and out_dir/index.json; return the index.
 
     Every object draws from its own generator seeded by (seed, object number), so the output is
@@ -257,6 +297,8 @@ def generate(out_dir: str | Path, objects: int, views: int = 24, size: int = 64,
     """
     if objects < 1 or views < 1 or size < 8:
         raise ValueError(f"need objects >= 1, views >= 1 and size >= 8; got {objects}, {views}, {size}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1); got {val_fraction}")
     out_dir = Path(out_dir)
@@ -270,7 +312,7 @@ def generate(out_dir: str | Path, objects: int, views: int = 24, size: int = 64,
         rng = np.random.default_rng([seed, 1, i])
         spec = random_spec(rng)
         split, object_id = ("val" if i in val_ids else "train"), f"obj_{i:06d}"
-        write_object(out_dir / split / object_id, spec, sample_cameras(rng, views), size)
+        write_object(out_dir / split / object_id, spec, sample_cameras(rng, views), size, layout)
         index.append({"id": object_id, "split": split, "path": f"{split}/{object_id}",
                       "caption": spec.caption, "shape": spec.shape, "colour": spec.colour, "size": spec.size})
     (out_dir / "index.json").write_text(json.dumps(index, indent=2) + "\n")
@@ -281,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m training.data.synth",
         description="Render procedural coloured primitives (sphere, cube, cylinder, cone, torus, capsule, "
-                    "snowman, mushroom, dumbbell) into NeRF-synthetic folders with captions.")
+                    "snowman, mushroom, dumbbell) with captions, albedo, normals and depth, into NeRF-synthetic or "
+                    "G-Objaverse object folders.")
     parser.add_argument("--out", required=True, help="output folder (must be new or empty)")
     parser.add_argument("--objects", type=int, required=True, help="number of objects to generate")
     parser.add_argument("--views", type=int, default=24, help="views per object (default: 24)")
@@ -289,11 +332,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="same seed -> byte-identical output (default: 0)")
     parser.add_argument("--val-fraction", type=float, default=0.1,
                         help="fraction of objects put in the val split (default: 0.1)")
+    parser.add_argument("--layout", choices=tuple(LAYOUTS), default="nerf",
+                        help="nerf: transforms.json per object; gobjaverse: campos_512_v4/000NN/ (default: nerf)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         index = generate(args.out, args.objects, args.views, args.size, args.seed, args.val_fraction,
-                         progress=True)
+                         progress=True, layout=args.layout)
     except ValueError as err:
         parser.error(str(err))
     seconds = time.perf_counter() - start

@@ -35,13 +35,14 @@ ColorFn = Callable[[torch.Tensor], torch.Tensor]  # points [N, 3] -> rgb in [0, 
 
 @dataclass
 class MeshResult:
-    """A triangle mesh in world coordinates (Z up, inside the box [-bound, bound]^3)."""
+    """A triangle mesh in world coordinates (Z up, inside the box [-bound, bound]^3); `texturing.unwrap` adds UVs."""
 
     vertices: np.ndarray  # [V, 3] float32
     faces: np.ndarray  # [F, 3] int64, counter-clockwise seen from outside
     vertex_colors: np.ndarray  # [V, 4] uint8 RGBA
     normals: np.ndarray  # [V, 3] float32, unit, pointing out of the object
     stats: dict = field(default_factory=dict)
+    uvs: np.ndarray | None = None  # [V, 2] float32 texture coordinates (origin bottom-left) once unwrapped
 
     @property
     def empty(self) -> bool:

@@ -70,6 +70,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DiT attention heads (default: read from the cross-attention width, 64 per head)")
     c.add_argument("--vae-heads", type=int, default=None,
                    help="VAE decoder attention heads (default: 16, the published value; no shape shows it)")
+    b = sub.add_parser("batch", help="a list of prompts (text, JSONL, Parquet) -> assets and a manifest; resumable",
+                       description="Generate every item of a list into --out, in batches; each finished item is "
+                                   "recorded in OUT/manifest.jsonl (prompt, seed, files with sha256, timings) at once, "
+                                   "so a rerun skips what is done. Example: ln3diff batch prompts.txt --out catalogue/")
+    b.add_argument("list", help="one prompt per line (text); or one {\"prompt\", \"seed\", \"image\"} object per line "
+                                "(.jsonl, image paths relative to the list); or a .parquet table with those columns")
+    b.add_argument("--out", required=True, help="output folder; its manifest says what is done")
+    b.add_argument("--seed", type=int, default=0, help="items without a seed use seed + their position (default: 0)")
+    add_option_flags(b, GenerationOptions())
+    b.add_argument("--format", default="glb", help=f"mesh formats, comma-separated, of {', '.join(FORMATS)} "
+                                                   "(default: glb)")
+    b.add_argument("--batch-size", type=int, default=4, help="items sampled together (default: %(default)s)")
+    b.add_argument("--ckpt", default=None, help=f"model checkpoint (default: the shipped {DEFAULT_CHECKPOINT_NAME})")
+    b.add_argument("--backend", default="eager", help=f"{backends_help()} (default: eager)")
+    b.add_argument("--engine", default=None, help="engine directory from export/build_engine.py (aoti/onnx/tensorrt)")
+    b.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu; with --ray, auto: a "
+                                                  "GPU per worker where the cluster has them)")
+    b.add_argument("--text-encoder", default=None, help="text encoder: a local directory or a cached Hugging Face id")
+    b.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="run on Ray Data across the cluster's devices: its address (host:6379, auto) or 'local' "
+                        "for a Ray instance on this machine (the cluster extra); OUT must be visible to every node")
+    b.add_argument("--workers", type=int, default=None, help="with --ray: model workers (default: one per GPU, or 1)")
     return parser
 
 
@@ -157,6 +179,48 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from tqdm import tqdm
+
+    from ln3diff_rt.batch import ModelSpec, run_batch
+    from ln3diff_rt.options import option_specs
+
+    formats = tuple(f.strip() for f in args.format.split(",") if f.strip())
+    if not formats or any(f not in FORMATS for f in formats) or len(set(formats)) != len(formats):
+        raise ValueError(f"--format {args.format!r}: expected some of {', '.join(FORMATS)}, comma-separated, "
+                         "each once")
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        raise ValueError("--ray needs the cluster extra (ray[data]): pip install 'ln3diff-rt[cluster]'")
+    overrides = {name: getattr(args, name) for name in option_specs() if getattr(args, name) is not None}
+    model = ModelSpec(args.ckpt, args.device or ("auto" if args.ray else "cpu"), args.backend, args.engine,
+                      args.text_encoder)
+    tty, bar, done = sys.stderr.isatty(), None, []  # on a terminal a bar, in a file or a pipe a line per item
+
+    def on_plan(total: int, skipped: int) -> None:
+        nonlocal bar
+        print(f"{total} items, {skipped} already in the manifest, {total - skipped} to make", file=sys.stderr)
+        bar = tqdm(total=total - skipped, desc="items", disable=not tty)
+
+    def on_record(record: dict) -> None:
+        bar.update()
+        done.append(record["key"])
+        if not tty:
+            print(f"[{len(done)}/{bar.total}] {record['prompt'] or record['image']!r} (seed {record['seed']}): "
+                  f"{len(record['files'])} files, {record['timings']['wall']:.2f}s", file=sys.stderr, flush=True)
+
+    try:
+        summary = run_batch(args.list, args.out, model, overrides, formats, args.seed, args.batch_size, args.ray,
+                            args.workers, on_plan, on_record)
+    finally:
+        if bar is not None:
+            bar.close()
+    print(f"made {summary.made}, skipped {summary.skipped} of {summary.total} items in {summary.seconds:.1f}s; "
+          f"manifest {summary.manifest}" + (f" and {summary.parquet.name}" if summary.parquet else ""))
+    return 0
+
+
 def convert(args: argparse.Namespace) -> int:
     from ln3diff_rt.official.convert import convert as convert_official
 
@@ -181,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     from ln3diff_rt.checkpoint import CheckpointError
 
     try:
-        return convert(args) if args.command == "convert" else generate(args)
+        return {"convert": convert, "batch": batch}.get(args.command, generate)(args)
     except KeyboardInterrupt:
         print(f"\nln3diff {args.command}: interrupted", file=sys.stderr)
         return INTERRUPTED

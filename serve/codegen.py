@@ -36,6 +36,8 @@ def generate(out_dir: Path) -> list[Path]:
             for suffix in GENERATED_SUFFIXES:
                 text = (package_dir / f"{stem}{suffix}").read_text()
                 text = text.replace("from ln3diff.v1 import", "from serve.ln3diff.v1 import")
+                # The messages' __module__: importable, so they pickle (Ray's gRPC proxy pickles each request).
+                text = text.replace(f"'ln3diff.v1.{stem}_pb2'", f"'serve.ln3diff.v1.{stem}_pb2'")
                 target = out_dir / f"{stem}{suffix}"
                 target.write_text(text)
                 written.append(target)

@@ -2,6 +2,8 @@
 
 `ln3diff-serve` and `ln3diff-client` need grpcio and protobuf, which the core install leaves out; the
 modules behind them import grpc at the top, so the check runs here, before they are imported.
+`ln3diff-serve --ray ADDRESS` runs the same service as a Ray Serve application (`serve.ray_app`, the
+cluster extra); without `--ray` nothing imports Ray.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import importlib.util
 import sys
 
 MISSING = "{command} needs the serve extra (grpcio, protobuf): pip install 'ln3diff-rt[serve]'"
+MISSING_RAY = "ln3diff-serve --ray needs the cluster extra (ray[serve,data]): pip install 'ln3diff-rt[cluster]'"
 
 
 def _require_grpc(command: str) -> None:
@@ -20,6 +23,13 @@ def _require_grpc(command: str) -> None:
 
 def server() -> int:
     _require_grpc("ln3diff-serve")
+    if any(arg == "--ray" or arg.startswith("--ray=") for arg in sys.argv[1:]):
+        if importlib.util.find_spec("ray") is None:
+            print(MISSING_RAY, file=sys.stderr)
+            raise SystemExit(2)
+        from serve.ray_app import main as ray_main
+
+        return ray_main()
     from serve.__main__ import main
 
     return main()

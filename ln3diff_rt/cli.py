@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ln3diff", description="LN3Diff runtime: text or image -> 3D assets.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("presets", help="print parameter counts and latent / tri-plane shapes of each preset")
-    g = sub.add_parser("generate", help="text or image -> mesh (GLB/OBJ/PLY) and turntable previews",
+    g = sub.add_parser("generate", help="text or image -> 3D asset (GLB/OBJ/PLY/USDZ/USDA) and turntable previews",
                        description="Generate 3D objects from prompts and/or images with the shipped model or "
                                    "--ckpt. Examples: ln3diff generate \"a red cube\" --out out/; "
                                    "ln3diff generate --image photo.png --out out/")
@@ -154,12 +154,12 @@ def generate(args: argparse.Namespace) -> int:
         bar.n = done
         bar.refresh()
 
-    requests = [Request(p, s, options, (args.format,), image=image)
-                for p, s, image in zip(prompts, seeds, images, strict=True)]
+    requests = [Request(p, s, options, (args.format,), image=image, name=name)
+                for p, s, image, name in zip(prompts, seeds, images, names, strict=True)]
     done = 0
     try:
         for result in run(generator, requests, progress=progress):  # each object is written as soon as it is made
-            paths = write_result(result, args.out, names[result.index])
+            paths = write_result(result, args.out)
             done += 1
             stages = ", ".join(f"{k} {v:.2f}s" for k, v in result.timings.items())
             tqdm.write(f"{names[result.index]!r} (seed {result.seed}): {stages}")

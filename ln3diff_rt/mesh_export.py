@@ -1,4 +1,4 @@
-"""Mesh files for DCC tools and game engines: GLB (default), OBJ and PLY, all with vertex colours.
+"""Asset files for DCC tools and game engines: GLB (default), OBJ, PLY, USDZ and USDA.
 
 Our world is Z-up in the scene box. Each format is written in the axes its importers expect: glTF and
 OBJ are +Y up (Blender's, Unity's and Unreal's glTF/OBJ importers convert from Y-up), PLY is +Z up
@@ -6,10 +6,20 @@ OBJ are +Y up (Blender's, Unity's and Unreal's glTF/OBJ importers convert from Y
 (x, y, z) -> (x, z, -y), so triangle winding and outward normals are kept. Assets are in metres
 with the pivot at the bottom centre (props stand on the floor at the origin), sized by the
 request (`Placement`), named after the prompt, and a GLB records the choices in its scene `extras`.
+
+Colour is either per vertex or a base-colour texture on UVs (`Material`): a textured GLB carries a glTF 2.0
+metallic-roughness material (baseColorTexture, metallic 0) and no vertex colours (glTF would multiply them);
+an OBJ refers to an MTL file and a PNG beside it; USD binds a UsdPreviewSurface (`usd_export`). `asset_files`
+writes every file of one object, keyed by `export_file_name`'s keys: the format alone ("glb") for the one
+level of detail, "LOD<k>.<format>" for each of several (one file per level, `name_LOD0.glb` ...: the suffix
+Unity's importer groups into a LODGroup and Unreal's LOD import reads level by level), plus "mtl" and "png"
+where an OBJ or a USDA refers to them. Every level uses the same UVs and the same texture.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import os
 import re
@@ -18,10 +28,14 @@ from typing import BinaryIO
 
 import numpy as np
 import trimesh
+from PIL import Image
 
 from ln3diff_rt.meshing import MeshResult
+from ln3diff_rt.usd_export import USD_FORMATS, usd_bytes
 
-FORMATS = ("glb", "obj", "ply")
+FORMATS = ("glb", "obj", "ply", *USD_FORMATS)
+COMPANIONS = ("mtl", "png")  # files an OBJ (mtl, png) or a USDA (png) refers to by name
+SLUG_CHARS = 60
 PIVOTS = ("bottom", "center")
 # Height in metres a size word in the prompt asks for (the shipped model's vocabulary: small, medium, large).
 SIZE_WORDS = {"tiny": 0.25, "small": 0.5, "medium": 1.0, "large": 2.0, "huge": 4.0}
@@ -58,9 +72,47 @@ def placement_for(prompt: str, height: float = 0.0, pivot: str = "bottom") -> Pl
     return Placement(pivot=pivot)
 
 
-def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: str = "y") -> trimesh.Trimesh:
+@dataclass(frozen=True)
+class Material:
+    """How an asset is coloured: `texture` [S, S, 3] uint8 (top row first) on the mesh's UVs, or vertex colours
+    where None; glTF metallic-roughness with metallic 0 and this roughness."""
+
+    texture: np.ndarray | None = None
+    roughness: float = 0.5
+
+    @functools.cached_property
+    def png(self) -> bytes:
+        """The texture as a PNG file (encoded once, shared by every file that holds or refers to it)."""
+        buffer = io.BytesIO()
+        Image.fromarray(self.texture).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def slug(name: str, seed: int) -> str:
+    """A file-name stem from a name (the prompt) and the seed: 'a red cube', 7 -> 'a-red-cube_s7'.
+
+    Where the readable part loses something (other scripts than ASCII, punctuation, a cut at
+    SLUG_CHARS), a short hash of the whole name keeps distinct names in distinct files:
+    '红色的立方体', 0 -> 'object-1b2c3d_s0'.
+    """
+    readable = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    stem = readable[:SLUG_CHARS] or "object"
+    if stem != re.sub(r"\s+", "-", name.strip().lower()):
+        stem += "-" + hashlib.sha256(name.encode()).hexdigest()[:6]
+    return f"{stem}_s{seed}"
+
+
+def export_file_name(stem: str, key: str) -> str:
+    """The file name of an `asset_files` key: ("chair_s3", "glb") -> chair_s3.glb, "LOD1.glb" -> chair_s3_LOD1.glb,
+    "png" -> chair_s3.png."""
+    return f"{stem}_{key}" if key.startswith("LOD") else f"{stem}.{key}"
+
+
+def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: str = "y",
+               reference: MeshResult | None = None) -> trimesh.Trimesh:
     """A trimesh in metres with +Y up (`up="z"` keeps the world's +Z up, for PLY), sized and placed by
-    `placement`; `placement=None` keeps the (rotated) world coordinates."""
+    `placement` from the bounds of `reference` (default: the mesh itself; the most detailed level, so that every
+    level sits in the same place); `placement=None` keeps the (rotated) world coordinates."""
     if mesh.empty:
         raise ValueError("the mesh is empty (the field has no surface at the threshold); nothing to export")
     rotation = _Z_UP_TO_Y_UP if up == "y" else np.eye(3)
@@ -68,7 +120,8 @@ def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: 
     vertices = mesh.vertices.astype(np.float64) @ rotation.T
     normals = mesh.normals.astype(np.float64) @ rotation.T
     if placement is not None:
-        lo, hi = vertices.min(axis=0), vertices.max(axis=0)
+        framing = vertices if reference is None else reference.vertices.astype(np.float64) @ rotation.T
+        lo, hi = framing.min(axis=0), framing.max(axis=0)
         extent = hi - lo
         scale = (placement.height / max(float(extent[vertical]), 1e-12) if placement.height is not None
                  else placement.longest / max(float(extent.max()), 1e-12))
@@ -82,27 +135,74 @@ def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: 
 
 
 def mesh_bytes(mesh: MeshResult, format: str = "glb", placement: Placement | None = Placement(), name: str = "",
-               extras: dict | None = None) -> bytes:
-    """The mesh encoded as a GLB, OBJ (vertex colours as `v x y z r g b`) or binary PLY file, the object
-    named `name`; a GLB carries `extras` (and the placement) in its scene's extras."""
+               extras: dict | None = None, material: Material = Material(), stem: str = "object",
+               reference: MeshResult | None = None) -> bytes:
+    """The mesh encoded as one file: GLB, OBJ (vertex colours as `v x y z r g b`, or UVs and `mtllib stem.mtl`),
+    binary PLY (vertex colours), USDZ or USDA (texture `stem.png`), the object named `name`; a GLB carries
+    `extras` (and the placement) in its scene's extras. A textured `material` needs the mesh's `uvs`."""
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; expected one of {FORMATS}")
-    tm = to_trimesh(mesh, placement, up="z" if format == "ply" else "y")
+    textured = material.texture is not None and format != "ply"
+    if textured and mesh.uvs is None:
+        raise ValueError("a textured material needs a mesh with UVs (texturing.unwrap)")
+    tm = to_trimesh(mesh, placement, up="z" if format == "ply" else "y", reference=reference)
     name = name.strip() or "object"
+    record = dict(extras or {})
+    if placement is not None:
+        record.update(pivot=placement.pivot, size_source=placement.source,
+                      height_m=round(float(to_trimesh(reference or mesh, placement).extents[1]), 4), up="+Y",
+                      units="metres")
+    if format in USD_FORMATS:
+        return usd_bytes(format, tm.vertices, tm.faces, tm.vertex_normals, mesh.vertex_colors,
+                         mesh.uvs if textured else None, material.png if textured else None, f"{stem}.png", name,
+                         material.roughness, record)
+    if textured:
+        tm.visual = trimesh.visual.TextureVisuals(uv=mesh.uvs, material=trimesh.visual.material.PBRMaterial(
+            name=stem if format == "obj" else name, baseColorTexture=Image.fromarray(material.texture),
+            metallicFactor=0.0, roughnessFactor=float(material.roughness)))
     if format == "glb":
         scene = trimesh.Scene()
         scene.add_geometry(tm, geom_name=name, node_name=name)
-        record = dict(extras or {})
-        if placement is not None:
-            record.update(pivot=placement.pivot, size_source=placement.source,
-                          height_m=round(float(tm.extents[1]), 4), up="+Y", units="metres")
         scene.metadata["ln3diff"] = record
         return trimesh.exchange.gltf.export_glb(scene, include_normals=True)
     if format == "obj":
-        text = trimesh.exchange.obj.export_obj(tm, include_normals=True, include_color=True,
-                                               include_texture=False, write_texture=False)
+        if textured:  # trimesh's own MTL would tint the texture (Kd 0.4) and name the PNG after the material
+            text, _ = trimesh.exchange.obj.export_obj(tm, include_normals=True, include_texture=True,
+                                                      return_texture=True, mtl_name=f"{stem}.mtl")
+        else:
+            text = trimesh.exchange.obj.export_obj(tm, include_normals=True, include_color=True,
+                                                   include_texture=False, write_texture=False)
         return f"o {_one_line(name)}\n".encode() + text.encode("utf-8")
     return trimesh.exchange.ply.export_ply(tm, encoding="binary", vertex_normal=True)
+
+
+def obj_material(stem: str, roughness: float) -> bytes:
+    """The MTL file of a textured OBJ: white diffuse times the texture `stem.png`, PBR roughness (`Pr`) and metallic
+    (`Pm`, 0) as Blender's importer reads them."""
+    return (f"newmtl {stem}\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nd 1\nillum 1\nPr {roughness:g}\nPm 0\n"
+            f"map_Kd {stem}.png\n").encode()
+
+
+def asset_files(levels: list[MeshResult], formats: tuple[str, ...], placement: Placement | None = Placement(),
+                name: str = "", extras: dict | None = None, material: Material = Material(), stem: str = "object"
+                ) -> dict[str, bytes]:
+    """Every file of one object: key -> bytes (see `export_file_name`). `levels` are its levels of detail, most
+    detailed first (one level: files keyed by format; several: "LOD<k>.<format>"), placed alike."""
+    if not levels:
+        raise ValueError("no mesh to export")
+    files = {}
+    for k, level in enumerate(levels):
+        lod = {} if len(levels) == 1 else {"lod": k}
+        for fmt in formats:
+            key = fmt if len(levels) == 1 else f"LOD{k}.{fmt}"
+            level_name = name if len(levels) == 1 else f"{name.strip() or 'object'}_LOD{k}"
+            files[key] = mesh_bytes(level, fmt, placement, level_name, {**(extras or {}), **lod}, material, stem,
+                                    reference=levels[0])
+    if material.texture is not None and {"obj", "usda"} & set(formats):
+        files["png"] = material.png
+        if "obj" in formats:
+            files["mtl"] = obj_material(stem, material.roughness)
+    return files
 
 
 def _one_line(text: str) -> str:

@@ -55,6 +55,7 @@ class Spec:
     lo_open: bool = False  # lo itself excluded
     choices: tuple[str, ...] = ()
     flag: str | None = None
+    max_items: int = 0  # > 0: the value is a text list of up to this many comma-separated integers, each in bounds
 
     def tightened(self, lo: float | None = None, hi: float | None = None) -> tuple[float, float]:
         """The spec's bounds, narrowed (never widened) by `lo`/`hi` where given."""
@@ -67,12 +68,24 @@ class Spec:
                 raise InvalidOption(name, value, f"one of {', '.join(self.choices)}")
             return
         lo, hi = self.tightened(lo, hi)
+        if self.max_items:
+            items = int_list(value) if isinstance(value, str) else None
+            if items is None or len(items) > self.max_items or not all(lo <= i <= hi for i in items):
+                raise InvalidOption(name, value, f"up to {self.max_items} comma-separated integers in [{lo}, {hi}], "
+                                                 "e.g. '30000,8000,2000', or '' for none")
+            return
         integer = isinstance(self.lo, int) and isinstance(self.hi, int)
         kind = "an integer" if integer else "a number"
         number = isinstance(value, int) if integer else isinstance(value, (int, float))
         low_ok = number and math.isfinite(value) and (value > lo if self.lo_open else value >= lo)
         if isinstance(value, bool) or not (low_ok and value <= hi):
             raise InvalidOption(name, value, f"{kind} in {'(' if self.lo_open else '['}{lo}, {hi}]")
+
+
+def int_list(text: str) -> tuple[int, ...] | None:
+    """'30000, 8000,2000' -> (30000, 8000, 2000); '' -> (); None unless every item is a plain integer."""
+    items = [t.strip() for t in text.split(",")] if text.strip() else []
+    return tuple(int(t) for t in items) if all(t.isdigit() for t in items) else None
 
 
 def _option(default, help: str, **bounds):
@@ -97,6 +110,13 @@ class GenerationOptions:
                             lo=0.0, hi=1000.0)
     pivot: str = _option("bottom", "the asset's origin: bottom centre (props stand on the floor) or box centre",
                          choices=("bottom", "center"))
+    texture: int = _option(1024, "base-colour texture size in pixels (UV-unwrapped, baked from the field; a power of "
+                                 "two suits engines); 0 keeps vertex colours", lo=0, hi=8192)
+    roughness: float = _option(1.0, "PBR roughness of the material (metallic is 0); 1, glTF's default, suits a "
+                                    "colour that may already hold the light it was trained under", lo=0.0, hi=1.0)
+    lods: str = _option("", "levels of detail as face budgets, e.g. 30000,8000,2000: one file per level "
+                            "(name_LOD0.glb ...), each a decimation of the mesh sharing its UVs and texture; empty: "
+                            "one file", lo=100, hi=10_000_000, max_items=8)
 
     def validate(self, bounds: Mapping[str, tuple[float | None, float | None]] | None = None) -> GenerationOptions:
         """Raise InvalidOption naming the first bad field; `bounds` (field -> (lo, hi)) tightens the specs."""

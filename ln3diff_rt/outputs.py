@@ -1,32 +1,15 @@
-"""Writing a generation result to disk: the mesh file, turntable PNGs and an animated GIF."""
+"""Writing a generation result to disk: the asset's files, turntable PNGs and an animated GIF."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from PIL import Image
 
+from ln3diff_rt.mesh_export import export_file_name
 from ln3diff_rt.runner import GenerationResult
-
-SLUG_CHARS = 60
-
-
-def slug(prompt: str, seed: int) -> str:
-    """A file-name stem from the prompt and seed: 'a red cube', 7 -> 'a-red-cube_s7'.
-
-    Where the readable part loses something (other scripts than ASCII, punctuation, a cut at
-    SLUG_CHARS), a short hash of the whole prompt keeps distinct prompts in distinct files:
-    '红色的立方体', 0 -> 'object-1b2c3d_s0'.
-    """
-    readable = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")
-    stem = readable[:SLUG_CHARS] or "object"
-    if stem != re.sub(r"\s+", "-", prompt.strip().lower()):
-        stem += "-" + hashlib.sha256(prompt.encode()).hexdigest()[:6]
-    return f"{stem}_s{seed}"
 
 
 def check_out_dir(out_dir: str | Path) -> Path:
@@ -44,15 +27,15 @@ def check_out_dir(out_dir: str | Path) -> Path:
     return out
 
 
-def write_result(result: GenerationResult, out_dir: str | Path, name: str | None = None) -> list[Path]:
-    """Write what the result holds (its exported meshes and previews), files named after `name` (default: the
-    prompt) and the seed; returns the written paths."""
+def write_result(result: GenerationResult, out_dir: str | Path) -> list[Path]:
+    """Write what the result holds (its asset files side by side, as they refer to each other, and previews),
+    files named after the result's stem (the request's name or prompt, and the seed); returns the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    stem = slug(result.prompt if name is None else name, result.seed)
+    stem = result.stem
     written = []
-    for fmt, data in result.exports.items():
-        path = out / f"{stem}.{fmt}"
+    for key, data in result.exports.items():
+        path = out / export_file_name(stem, key)
         path.write_bytes(data)
         written.append(path)
     frames = [Image.fromarray(f) for f in result.previews]

@@ -7,10 +7,11 @@
 
 Runs warm-up requests, then repeated timed requests, and reports the median and p90 of each
 stage: text encoding, every denoiser step, VAE decode, the field queries of mesh extraction,
-the rest of mesh extraction (marching cubes, decimation, colours), preview rendering and the
-GLB export; plus the end-to-end time, the sum of the stages, and peak memory. On a GPU the
-stages are timed with CUDA events. A preset without a checkpoint gets random weights, so the
-`paper` scale can be timed without trained weights.
+the rest of mesh extraction (marching cubes, decimation, colours), the UV unwrap and texture bake
+(`--texture`, its field queries included), preview rendering and the GLB export; plus the
+end-to-end time, the sum of the stages, and peak memory. On a GPU the stages are timed with CUDA
+events. A preset without a checkpoint gets random weights, so the `paper` scale can be timed
+without trained weights.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def _summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "p90": p90}
 
 
-_ORDER = ["encode_text", "denoise_step", "decode", "field_queries", "mesh_extract", "export", "preview"]
+_ORDER = ["encode_text", "denoise_step", "decode", "field_queries", "mesh_extract", "uv_unwrap", "bake_texture", "lods",
+          "export", "preview"]
 
 
 def _stage_order(stage: str):

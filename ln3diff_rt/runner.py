@@ -1,9 +1,11 @@
-"""One request path: conditions -> sampling -> decode -> mesh -> export -> previews, for every caller.
+"""One request path: conditions -> sampling -> decode -> mesh -> asset files -> previews, for every caller.
 
 `run` is the only place the stages of a request are sequenced; the CLI, the server's scheduler,
 the profiler, warm-up and the figures all call it. The batch stages (text, sampling, decode) run
 once for all objects; the per-object stages run object by object and yield each result as soon as
-it is ready, so a server streams the first while the next is meshed. Every stage is timed by one
+it is ready, so a server streams the first while the next is meshed. The asset files come from
+the mesh through UV unwrapping and texture baking (`texture` > 0), levels of detail (`lods`) and the
+encoding of each format, each a stage of its own. Every stage is timed by one
 clock (`timing.StageClock`). `alive(i)` says whether object i is still wanted (client cancel,
 deadline, shutdown): it is checked between stages, after every sampling step, before every
 field-query chunk and before every preview frame; an object nobody wants is dropped, and when no
@@ -13,17 +15,21 @@ object is wanted the run raises `Cancelled`.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from ln3diff_rt.mesh_export import FORMATS, Placement, mesh_bytes, placement_for
+from ln3diff_rt.conventions import FIELD_CHUNK
+from ln3diff_rt.mesh_export import FORMATS, Material, Placement, asset_files, placement_for, slug
 from ln3diff_rt.meshing import MeshResult
-from ln3diff_rt.options import GenerationOptions, InvalidOption
+from ln3diff_rt.options import GenerationOptions, InvalidOption, int_list
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.texturing import bake_texture, levels_of_detail, unwrap
 from ln3diff_rt.timing import StageClock
+from ln3diff_rt.usd_export import USD_FORMATS
 
 # (stage, done, total, object index or None for the whole batch): once per sampling step, at the start
 # (done 0) of every other stage and at the end (done = total) of every per-object stage.
@@ -48,9 +54,15 @@ class Request:
     prompt: str
     seed: int
     options: GenerationOptions = field(default_factory=GenerationOptions)
-    formats: tuple[str, ...] = ()  # mesh files to encode into the result: "glb", "obj", "ply"
+    formats: tuple[str, ...] = ()  # asset files to encode into the result: "glb", "obj", "ply", "usdz", "usda"
     mesh: bool = True  # False: previews only
     image: np.ndarray | None = field(default=None, compare=False, repr=False)  # RGBA uint8 [H, W, 4] condition
+    name: str = ""  # what the files are named after (default: the prompt), with the seed
+
+    @property
+    def stem(self) -> str:
+        """The file-name stem of this object's files; an OBJ or USDA refers to its MTL and texture by it."""
+        return slug(self.name or self.prompt, self.seed)
 
     @property
     def sampling_key(self) -> tuple:
@@ -65,6 +77,12 @@ class Request:
         for fmt in self.formats:
             if fmt not in FORMATS:
                 raise InvalidOption("formats", fmt, f"each one of {', '.join(FORMATS)}")
+            if fmt in USD_FORMATS and importlib.util.find_spec("pxr") is None:
+                raise InvalidOption("formats", fmt, f"a format this install writes: {fmt} needs usd-core "
+                                                    f"(pip install 'ln3diff-rt[assets]')")
+        if self.options.lods and importlib.util.find_spec("meshoptimizer") is None:
+            raise InvalidOption("lods", self.options.lods, "'' here: levels of detail need meshoptimizer "
+                                                           "(pip install 'ln3diff-rt[assets]')")
 
 
 @dataclass
@@ -74,7 +92,7 @@ class GenerationResult:
     latent: torch.Tensor  # [3, c, h, w], in VAE units (scale undone)
     triplane: torch.Tensor  # [3, C, R, R]
     mesh: MeshResult | None
-    exports: dict[str, bytes]  # format -> file bytes (none when the mesh is empty or no format was asked)
+    exports: dict[str, bytes]  # mesh_export.asset_files key -> file bytes (none: empty mesh or no format asked)
     previews: list[np.ndarray]  # [H, W, 3] uint8 turntable frames
     timings: dict[str, float] = field(default_factory=dict)  # seconds per stage; batch stages shared
     placement: Placement | None = None  # how the exported meshes were sized and placed
@@ -86,6 +104,10 @@ class GenerationResult:
     @property
     def seed(self) -> int:
         return self.request.seed
+
+    @property
+    def stem(self) -> str:
+        return self.request.stem
 
 
 def run(gen: Generator, requests: list[Request], *, progress: ProgressFn | None = None,
@@ -148,6 +170,10 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
         with clock.time("field_queries"):
             return gen.components.field(planes, points)
 
+    def checked_field(planes: torch.Tensor, points: torch.Tensor):  # timed by the stage that calls it
+        still_wanted()
+        return gen.components.field(planes, points)
+
     @contextlib.contextmanager
     def stage(name: str):
         """A per-object stage: the object still wanted, progress at its start and end, its time on the clock."""
@@ -164,17 +190,36 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
         with stage("mesh"):
             mesh_result = gen.extract_mesh(planes, options, field=field_queries)
         if request.formats and not mesh_result.empty:
-            with stage("export"):
-                extras = {"prompt": request.prompt, "seed": request.seed, "steps": options.steps,
-                          "guidance": options.guidance, "sampler": options.sampler,
-                          "model": gen.config.preset, "checkpoint": gen.models.path.name}
-                exports = {fmt: mesh_bytes(mesh_result, fmt, placement, request.prompt, extras)
-                           for fmt in request.formats}
+            exports = _asset_files(gen, request, planes, mesh_result, placement, stage, checked_field)
     if options.preview_views:
         with stage("preview"):
             previews = gen.render_previews(planes, options, on_view=still_wanted)
     return GenerationResult(request, i, latent.cpu(), planes.cpu(), mesh_result, exports, previews, clock.times,
                             placement)
+
+
+def _asset_files(gen: Generator, request: Request, planes: torch.Tensor, mesh: MeshResult, placement: Placement,
+                 stage: Callable[[str], contextlib.AbstractContextManager], field) -> dict[str, bytes]:
+    """An object's files: UV unwrap and texture bake (`texture` > 0; the bake queries `field`), levels of detail
+    (`lods`), then the encoding of every format, each a stage of its own."""
+    options = request.options
+    material = Material(roughness=options.roughness)
+    if options.texture:
+        with stage("uv_unwrap"):
+            mesh = unwrap(mesh, options.texture)
+        with stage("bake_texture"):
+            query = gen.field_fn(planes, field)
+            material = Material(bake_texture(mesh, lambda p: query(p)[1], options.texture, FIELD_CHUNK),
+                                options.roughness)
+    levels = [mesh]
+    if options.lods:
+        with stage("lods"):
+            levels = levels_of_detail(mesh, tuple(sorted(set(int_list(options.lods)), reverse=True)))
+    with stage("export"):
+        extras = {"prompt": request.prompt, "seed": request.seed, "steps": options.steps, "guidance": options.guidance,
+                  "sampler": options.sampler, "model": gen.config.preset, "checkpoint": gen.models.path.name,
+                  "texture": options.texture}
+        return asset_files(levels, request.formats, placement, request.prompt, extras, material, request.stem)
 
 
 def generate(gen: Generator, prompts: list[str], seeds: list[int], options: GenerationOptions | None = None,

@@ -2,7 +2,8 @@
 
 Needs only grpcio and protobuf (no torch; `ln3diff_rt.options` is torch-free), so it also runs inside
 Blender's Python. Its generation flags are the server's options, with the same names and bounds. The streamed
-mesh is reassembled from its chunks and checked against the size and sha256 in the final Result.
+files (meshes, and a texture, an OBJ's MTL or levels of detail where asked) are reassembled from their chunks and
+checked against the sizes and sha256 in the final Result.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from serve.ln3diff.v1 import generator_pb2 as pb
 from serve.ln3diff.v1 import generator_pb2_grpc as pb_grpc
 
 DEFAULT_SERVER = "localhost:50051"
-FORMATS = ("glb", "obj", "ply")
+FORMATS = ("glb", "obj", "ply", "usdz", "usda")
 ProgressFn = Callable[[str, int, int], None]  # (stage, step, total)
 
 
@@ -34,8 +35,27 @@ class IntegrityError(Exception):
 @dataclass
 class Generation:
     result: pb.Result
-    meshes: dict[str, bytes] = field(default_factory=dict)  # format -> file bytes
+    meshes: dict[str, bytes] = field(default_factory=dict)  # MeshInfo.format ("glb", "LOD1.glb", "png") -> bytes
     previews: list[bytes] = field(default_factory=list)  # PNG files
+
+    def write(self, out: Path, fmt: str) -> list[Path]:
+        """The files of format `fmt` beside each other: the mesh at `out` (with levels of detail, `out`'s stem +
+        `_LOD<k>`), the files it refers to (texture, MTL) under the names the server gave them; returns the paths."""
+        names = {m.format: m.file_name for m in self.result.meshes}
+        paths = []
+        for key, data in self.meshes.items():
+            if key == fmt or (key.startswith("LOD") and key.endswith(f".{fmt}")):
+                path = out if key == fmt else out.with_name(f"{out.stem}_{key.split('.')[0]}{out.suffix}")
+            elif key in ("png", "mtl"):
+                name = names.get(key) or f"{out.stem}.{key}"
+                if Path(name).name != name or name in ("", ".", ".."):
+                    raise IntegrityError(f"{key}: the server named the file {name!r}, not a plain file name")
+                path = out.with_name(name)
+            else:
+                continue
+            path.write_bytes(data)
+            paths.append(path)
+        return paths
 
 
 def build_request(prompt: str = "", *, seed: int | None = None, formats: Iterable[str] = ("glb",),
@@ -156,7 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", default="", help="what to make (may be left out with --image)")
     g.add_argument("--image", type=Path, default=None,
                    help="condition image file: RGBA (alpha = the object's mask) or RGB on a plain background")
-    g.add_argument("--out", type=Path, required=True, help="mesh file; the suffix (.glb, .obj, .ply) picks the format")
+    g.add_argument("--out", type=Path, required=True,
+                   help="mesh file; the suffix (.glb, .obj, .ply, .usdz, .usda) picks the format; a texture, an "
+                        "OBJ's MTL and levels of detail (name_LOD1.glb ...) are written beside it")
     g.add_argument("--seed", type=int, default=None, help=f"{SEED.help} (default: the server draws one, printed)")
     add_option_flags(g, whose="the server's")
     g.add_argument("--previews", type=Path, default=None,
@@ -194,7 +216,8 @@ def _show_progress(stage: str, step: int, total: int) -> None:
 def _generate(client: Client, args: argparse.Namespace) -> None:
     fmt = args.out.suffix.lstrip(".").lower()
     if fmt not in FORMATS:
-        raise ValueError(f"--out {args.out}: the suffix picks the format, expected one of .glb, .obj, .ply")
+        raise ValueError(f"--out {args.out}: the suffix picks the format, expected one of "
+                         f"{', '.join('.' + f for f in FORMATS)}")
     options = {name: getattr(args, name) for name in option_specs()}
     if args.previews is None:
         options["preview_views"] = 0
@@ -205,13 +228,14 @@ def _generate(client: Client, args: argparse.Namespace) -> None:
     r = gen.result
     if r.mesh_empty:
         raise ValueError(f"the model produced no surface for seed {r.seed}; try another seed or prompt")
-    args.out.write_bytes(gen.meshes[fmt])
+    paths = gen.write(args.out, fmt)
     if args.previews is not None:
         args.previews.mkdir(parents=True, exist_ok=True)
         for i, png in enumerate(gen.previews):
             (args.previews / f"view_{i:03d}.png").write_bytes(png)
-    print(f"wrote {args.out} ({len(gen.meshes[fmt])} bytes, sha256 verified, {r.face_count} faces) "
-          f"seed={r.seed} steps={r.steps} guidance={r.guidance:g} in {r.timings['total']:.2f} s")
+    files = ", ".join(f"{p} ({p.stat().st_size} bytes)" for p in paths)
+    print(f"wrote {files}, sha256 verified, {r.face_count} faces; seed={r.seed} steps={r.steps} "
+          f"guidance={r.guidance:g} in {r.timings['total']:.2f} s")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ln3diff_rt.mesh_export import to_trimesh
+from ln3diff_rt.mesh_export import export_file_name, to_trimesh
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import BATCH_STAGES, Cancelled, GenerationResult, Request, run
 from serve.observability import Metrics
@@ -44,7 +44,7 @@ class ShuttingDown(Exception):
 class Output:
     """What one request produced, ready to stream."""
 
-    meshes: list[tuple[str, bytes, str]]  # (format, file bytes, sha256 hex)
+    meshes: list[tuple[str, bytes, str]]  # (format, file bytes, sha256 hex): every file of the asset
     previews: list[bytes]  # PNG files
     mesh_empty: bool
     vertex_count: int
@@ -53,6 +53,7 @@ class Output:
     batch_size: int
     timings: dict[str, float]
     warnings: list[str] = field(default_factory=list)  # about the request's prompt (Generator.prompt_warnings)
+    file_names: dict[str, str] = field(default_factory=dict)  # format -> the name the files refer to it by
 
 
 @dataclass
@@ -214,7 +215,8 @@ class Scheduler:
 
 
 def _output(result: GenerationResult, timings: dict[str, float], batch_size: int) -> Output:
-    """What the RPC streams: mesh files with their sha256, PNG previews, counts and the exported bounds."""
+    """What the RPC streams: the asset's files with their sha256 and names, PNG previews, counts and the exported
+    bounds."""
     mesh = result.mesh
     empty = mesh is None or mesh.empty
     bounds = None
@@ -223,7 +225,8 @@ def _output(result: GenerationResult, timings: dict[str, float], batch_size: int
         bounds = ([float(v) for v in lo], [float(v) for v in hi])
     meshes = [(fmt, data, hashlib.sha256(data).hexdigest()) for fmt, data in result.exports.items()]
     return Output(meshes, [_png(frame) for frame in result.previews], mesh is not None and mesh.empty,
-                  0 if empty else len(mesh.vertices), 0 if empty else len(mesh.faces), bounds, batch_size, timings)
+                  0 if empty else len(mesh.vertices), 0 if empty else len(mesh.faces), bounds, batch_size, timings,
+                  file_names={key: export_file_name(result.stem, key) for key in result.exports})
 
 
 def _png(frame) -> bytes:

@@ -170,7 +170,8 @@ def result_message(spec: Request, request_id: str, out: Output) -> pb.Result:
         request_id=request_id, seed=spec.seed, steps=o.steps, guidance=o.guidance, shift=o.shift,
         sampler=o.sampler, mesh_resolution=o.mesh_resolution if spec.mesh else 0,
         faces_budget=(o.faces or 0) if spec.mesh else 0,
-        meshes=[pb.MeshInfo(format=f, size=len(d), sha256=h) for f, d, h in out.meshes], mesh_empty=out.mesh_empty,
+        meshes=[pb.MeshInfo(format=f, size=len(d), sha256=h, file_name=out.file_names.get(f, "")) for f, d, h in
+                out.meshes], mesh_empty=out.mesh_empty,
         vertex_count=out.vertex_count, face_count=out.face_count, preview_count=len(out.previews),
         batch_size=out.batch_size, timings=out.timings, warnings=out.warnings)
     if out.bounds is not None:
@@ -229,7 +230,7 @@ def model_info(generator: Generator, config: ServerConfig) -> pb.ModelInfo:
 
 def warm_up(generator: Generator) -> None:
     """One tiny request through every stage, so the first client does not pay for lazy initialisation."""
-    options = GenerationOptions(steps=1, mesh_resolution=16, faces=0, preview_views=1, preview_size=16)
+    options = GenerationOptions(steps=1, mesh_resolution=16, faces=0, preview_views=1, preview_size=16, texture=64)
     for _ in run(generator, [Request("warm-up", 1, options, ("glb",))]):
         pass
 

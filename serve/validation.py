@@ -48,6 +48,7 @@ class Limits:
     max_preview_size: int = 512
     max_preview_pixels: int = 16 * 256 * 256  # preview_views x preview_size^2: 16 views of 256 px, 4 of 512
     max_unary_reply_bytes: int = 4 << 20  # what GenerateUnary sends at most: gRPC's default receive limit
+    max_texture: int = 2048  # texture size: the bake queries the field once per texel
 
     def effective_bounds(self) -> dict[str, tuple[float, float]]:
         """Option field -> the (lo, hi) a request meets here: the option's own bounds tightened by these limits."""
@@ -61,7 +62,8 @@ class Limits:
                 "shift": (None, self.max_shift),
                 "mesh_resolution": (self.min_mesh_resolution, self.max_mesh_resolution),
                 "faces": (self.min_faces, self.max_faces), "preview_views": (None, self.max_preview_views),
-                "preview_size": (self.min_preview_size, self.max_preview_size)}
+                "preview_size": (self.min_preview_size, self.max_preview_size),
+                "texture": (None, self.max_texture), "lods": (self.min_faces, self.max_faces)}
 
 
 def decode_request(message_type: type[Message], data: bytes) -> Message:

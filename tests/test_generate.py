@@ -78,8 +78,8 @@ def test_cli_writes_mesh_previews_and_gif(tmp_path, capsys):
                  "--views", "2", "--preview-size", "32", "--format", "obj", "--seed", "1"])
     assert code == 0
     written = sorted(p.name for p in tmp_path.iterdir())
-    assert written == ["a-red-cube_s1.obj", "a-red-cube_s1_turntable.gif", "a-red-cube_s1_view00.png",
-                       "a-red-cube_s1_view01.png"]
+    assert written == ["a-red-cube_s1.mtl", "a-red-cube_s1.obj", "a-red-cube_s1.png", "a-red-cube_s1_turntable.gif",
+                       "a-red-cube_s1_view00.png", "a-red-cube_s1_view01.png"]  # the OBJ's MTL and texture beside it
     assert "mesh:" in capsys.readouterr().out
 
 
@@ -107,12 +107,13 @@ def test_cli_unreadable_checkpoint_without_traceback(tmp_path):
 
 
 # sha256 of the GLB bytes and of the first preview frame. The previews are those of the request path before the
-# runner refactor (issue 15, at fddaf98: it was byte-identical after it); the GLBs changed on purpose once since,
-# when assets got a bottom-centre pivot, size words, the prompt as the object's name and extras (issue 16).
+# runner refactor (issue 15, at fddaf98: it was byte-identical after it); the GLBs changed on purpose twice since,
+# when assets got a bottom-centre pivot, size words, the prompt as the object's name and extras (issue 16), and
+# when the default asset became UV-mapped with a baked 1024^2 texture (issue 19).
 # One torch thread (conftest): other thread counts reorder float sums.
-PINNED = {"a red cube": ("46943e315f9542b374b2f6d32cd558d1139f8ba4a335db2889c5c1176b60daa7",
+PINNED = {"a red cube": ("dc57bffbddccfade7e22d1ea8f4f704abd4fdc83fc5ca4baede12236019a2f2a",
                          "4f5434e32008237c427c098b7097711974575381b80802a6ed5a54ad9f2be0cf"),
-          "a small blue torus": ("3f288486f3a7277799cfb30684cb083ce27325be3d38fb721a298f6e9e14c784",
+          "a small blue torus": ("d953860b6d8fa207792ca8969d6965720c75c265e3868dc720391618d5bccf23",
                                  "50b7b42ffd3a7a2d02f9feff4d353697e56e77db802a44d64362f83662c70f90")}
 
 
@@ -157,7 +158,7 @@ def test_ctrl_c_keeps_the_finished_objects(tmp_path, monkeypatch, capsys):
 
 
 def test_prompts_that_slugify_alike_get_distinct_files():
-    from ln3diff_rt.outputs import slug
+    from ln3diff_rt.mesh_export import slug
 
     assert slug("a red cube", 7) == "a-red-cube_s7"  # plain prompts keep their readable names
     names = {slug(p, 0) for p in ("红色的立方体", "蓝色的球体", "a red cube!", "a red cube?", "x" * 70, "x" * 71)}

@@ -37,7 +37,9 @@ from serve.server import SERVICE, ServerConfig, ServerThread
 from serve.validation import Limits
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(steps=2, mesh_resolution=32, preview_views=1, preview_size=32)  # ~0.2 s a request
+# ~0.2 s a request; vertex colours (texture 0): a default 1024^2 bake alone takes seconds on a CPU, and
+# tests/test_assets_serve.py covers textured assets
+FAST = dict(steps=2, mesh_resolution=32, preview_views=1, preview_size=32, texture=0)
 LONG_STEPS = 1000  # >= 10 s of sampling even on idle cores, so a quick follow-up proves the worker was freed
 
 

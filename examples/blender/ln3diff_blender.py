@@ -31,8 +31,8 @@ bl_info = {
 VENDOR = Path(__file__).resolve().parent / "vendor"  # the client and its stubs, in the add-on zip
 
 # Share of the whole job each stage ends at; sampling fills the span before "decode".
-STAGE_END = {"queued": 0.02, "encode_text": 0.05, "sample": 0.75, "decode": 0.8, "mesh": 0.9, "export": 0.95,
-             "preview": 1.0}
+STAGE_END = {"queued": 0.02, "encode_text": 0.05, "sample": 0.7, "decode": 0.72, "mesh": 0.8, "uv_unwrap": 0.88,
+             "bake_texture": 0.94, "export": 0.97, "preview": 1.0}
 
 
 class GenerationJob:
@@ -40,10 +40,10 @@ class GenerationJob:
 
     def __init__(self, server: str, prompt: str, out_dir: str | Path, token: str = "", seed: int | None = None,
                  steps: int | None = None, mesh_resolution: int | None = None, timeout: float = 600.0,
-                 repo_path: str = "", image: bytes | None = None):
+                 repo_path: str = "", image: bytes | None = None, texture: int | None = None):
         self.server, self.prompt, self.out_dir, self.token, self.image = server, prompt, Path(out_dir), token, image
         self.seed, self.steps, self.mesh_resolution, self.timeout = seed, steps, mesh_resolution, timeout
-        self.repo_path = repo_path
+        self.repo_path, self.texture = repo_path, texture  # texture size; 0: vertex colours, None: the server's
         self.fraction, self.status = 0.0, "starting"
         self.path: Path | None = None  # the GLB, once done without error
         self.error: str | None = None
@@ -87,7 +87,8 @@ class GenerationJob:
 
             with Client(self.server, self.token or None) as client:
                 request = build_request(self.prompt, seed=self.seed, steps=self.steps, formats=["glb"],
-                                        mesh_resolution=self.mesh_resolution, preview_views=0, image=self.image)
+                                        mesh_resolution=self.mesh_resolution, preview_views=0, image=self.image,
+                                        texture=self.texture)
                 self._call = client.stub.Generate(request, timeout=self.timeout, metadata=client.metadata)
                 if self._cancelled:
                     self._call.cancel()
@@ -149,6 +150,8 @@ def _make_classes() -> list:
         # Blender properties cannot be unset: -1 / 0 stand for "the server's choice" (a seed of 0 is a seed).
         seed: IntProperty(name="Seed (-1: random)", default=-1, min=-1)
         steps: IntProperty(name="Steps (0: server default)", default=0, min=0, max=1000)
+        texture: IntProperty(name="Texture size (-1: server default, 0: vertex colours)", default=-1, min=-1,
+                             max=8192)
 
         def invoke(self, context, event):
             return context.window_manager.invoke_props_dialog(self)
@@ -163,7 +166,8 @@ def _make_classes() -> list:
                 return {"CANCELLED"}
             self.job = GenerationJob(prefs.server, self.prompt, out_dir, prefs.token,
                                      None if self.seed < 0 else self.seed, self.steps or None,
-                                     repo_path=bpy.path.abspath(prefs.repo_path), image=image).start()
+                                     repo_path=bpy.path.abspath(prefs.repo_path), image=image,
+                                     texture=None if self.texture < 0 else self.texture).start()
             self.timer = context.window_manager.event_timer_add(0.2, window=context.window)
             context.window_manager.modal_handler_add(self)
             return {"RUNNING_MODAL"}
@@ -180,7 +184,7 @@ def _make_classes() -> list:
             if self.job.error:
                 self.report({"ERROR"}, f"LN3Diff: {self.job.error}")
                 return self._finish(context, {"CANCELLED"})
-            bpy.ops.import_scene.gltf(filepath=str(self.job.path))
+            bpy.ops.import_scene.gltf(filepath=str(self.job.path))  # a textured GLB comes in with its material
             for obj in context.selected_objects:
                 obj["ln3diff_prompt"], obj["ln3diff_seed"] = self.prompt, int(self.job.result.seed)
             self.report({"INFO"}, f"LN3Diff: imported seed {self.job.result.seed}")

@@ -103,12 +103,14 @@ def generate(args: argparse.Namespace) -> int:
     from ln3diff_rt.options import resolve_seed
     from ln3diff_rt.outputs import check_out_dir, write_result
     from ln3diff_rt.pipeline import Generator
+    from ln3diff_rt.prompts import normalise_prompt
     from ln3diff_rt.runner import Request, run
 
     if args.format not in FORMATS:
         raise ValueError(f"--format {args.format!r}: expected one of {', '.join(FORMATS)}")
+    args.prompts = [normalise_prompt(p) for p in args.prompts]  # NFC, no control or zero-width characters
     for i, prompt in enumerate(args.prompts):
-        if not prompt.strip():
+        if not prompt:
             raise ValueError(f"prompt {i + 1} is empty: describe the object, e.g. \"a red cube\"")
     if not args.prompts and not args.image:
         raise ValueError("nothing to generate: give a prompt (\"a red cube\") or --image FILE")

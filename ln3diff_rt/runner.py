@@ -8,7 +8,7 @@ the mesh through UV unwrapping and texture baking (`texture` > 0), levels of det
 encoding of each format, each a stage of its own. Every stage is timed by one
 clock (`timing.StageClock`). `alive(i)` says whether object i is still wanted (client cancel,
 deadline, shutdown): it is checked between stages, after every sampling step, before every
-field-query chunk and before every preview frame; an object nobody wants is dropped, and when no
+field-query chunk and before every ray chunk of a preview; an object nobody wants is dropped, and when no
 object is wanted the run raises `Cancelled`.
 """
 
@@ -27,6 +27,7 @@ from ln3diff_rt.mesh_export import FORMATS, Material, Placement, asset_files, pl
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import GenerationOptions, InvalidOption, int_list
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.prompts import normalise_prompt
 from ln3diff_rt.texturing import bake_texture, levels_of_detail, unwrap
 from ln3diff_rt.timing import StageClock
 from ln3diff_rt.usd_export import USD_FORMATS
@@ -72,7 +73,7 @@ class Request:
     def check(self, index: int = 0) -> None:
         """Raise ValueError (InvalidOption for a setting) naming the first bad field."""
         self.options.validate()
-        if not self.prompt.strip() and self.image is None:
+        if not normalise_prompt(self.prompt) and self.image is None:
             raise ValueError(f"prompts[{index}] is empty: describe the object, e.g. 'a red cube', or give an image")
         for fmt in self.formats:
             if fmt not in FORMATS:

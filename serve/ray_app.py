@@ -38,7 +38,7 @@ from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import Cancelled, Request, run
 from serve.ln3diff.v1 import generator_pb2 as pb
 from serve.scheduler import Output
-from serve.scheduler import _output as output_of  # the one home of Output building; to be made public there
+from serve.scheduler import request_output as output_of
 from serve.server import SERVICE, ServerConfig, model_info, result_message, stream_messages, unary_message, warm_up
 from serve.validation import Limits, check_request, unary_reply_bytes, unary_reply_refusal
 

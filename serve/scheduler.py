@@ -202,7 +202,7 @@ class Scheduler:
                     if first or stage not in BATCH_STAGES:
                         self.metrics.stage_seconds.labels(stage).observe(seconds)
                 first = False
-                out = _output(result, {"queue": started - job.enqueued_at, **result.timings}, len(batch))
+                out = request_output(result, {"queue": started - job.enqueued_at, **result.timings}, len(batch))
                 out.warnings = self.generator.prompt_warnings(job.spec.prompt)
                 job.post("result", out)
                 served[id(job)] = time.monotonic()
@@ -214,7 +214,7 @@ class Scheduler:
             self.metrics.worker_blocked.observe(max(0.0, end - wanted_until))
 
 
-def _output(result: GenerationResult, timings: dict[str, float], batch_size: int) -> Output:
+def request_output(result: GenerationResult, timings: dict[str, float], batch_size: int) -> Output:
     """What the RPC streams: the asset's files with their sha256 and names, PNG previews, counts and the exported
     bounds."""
     mesh = result.mesh

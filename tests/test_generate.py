@@ -111,9 +111,9 @@ def test_cli_unreadable_checkpoint_without_traceback(tmp_path):
 # when assets got a bottom-centre pivot, size words, the prompt as the object's name and extras (issue 16), and
 # when the default asset became UV-mapped with a baked 1024^2 texture (issue 19).
 # One torch thread (conftest): other thread counts reorder float sums.
-PINNED = {"a red cube": ("dc57bffbddccfade7e22d1ea8f4f704abd4fdc83fc5ca4baede12236019a2f2a",
+PINNED = {"a red cube": ("c22e870e7affdf7c868c4b551486226f401e261ff638f0c6a0a4aaba3614172f",
                          "4f5434e32008237c427c098b7097711974575381b80802a6ed5a54ad9f2be0cf"),
-          "a small blue torus": ("d953860b6d8fa207792ca8969d6965720c75c265e3868dc720391618d5bccf23",
+          "a small blue torus": ("a1fd217f8a005ff2548bbdd2a388c0557840e16621bc63a962389374df6cabee",
                                  "50b7b42ffd3a7a2d02f9feff4d353697e56e77db802a44d64362f83662c70f90")}
 
 

@@ -54,6 +54,25 @@ def test_runner_times_and_reports_unwrap_bake_and_lods(generator):
     assert len(lod1.faces) == 400 and isinstance(lod1.visual, trimesh.visual.TextureVisuals)
     [plain] = run(generator, [Request("a red cube", 1, FAST.replace(texture=0), ("glb",))])
     assert list(plain.exports) == ["glb"] and "uv_unwrap" not in plain.timings  # 0: vertex colours, no unwrap
+    [levels] = run(generator, [Request("a red cube", 1, FAST.replace(texture=0, lods="400,1500"), ("ply",))])
+    assert list(levels.exports) == ["LOD0.ply", "LOD1.ply"]  # any order given, most detailed first
+    coarse = trimesh.load(io.BytesIO(levels.exports["LOD1.ply"]), file_type="ply", process=False)
+    assert len(coarse.faces) == 400 and coarse.visual.vertex_colors.shape == (len(coarse.vertices), 4)
+
+
+def test_a_missing_assets_extra_is_named_before_any_work(generator, monkeypatch):
+    import importlib.util
+
+    from ln3diff_rt.options import InvalidOption
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("pxr", "meshoptimizer") else find_spec(name, *a))
+    for request, field in [(Request("a red cube", 1, FAST, ("usdz",)), "formats"),
+                           (Request("a red cube", 1, FAST.replace(lods="1500"), ("glb",)), "lods")]:
+        with pytest.raises(InvalidOption, match="ln3diff-rt\\[assets\\]") as info:
+            list(run(generator, [request]))
+        assert info.value.field == field
 
 
 def test_cli_writes_obj_mtl_png_and_levels_side_by_side(cube_checkpoint, tmp_path, capsys):

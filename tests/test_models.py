@@ -141,7 +141,7 @@ def test_dit_is_zero_at_init_and_conditions_after_update():
     assert not torch.allclose(a, b)  # the text condition changes the prediction
 
 
-def test_dit_image_tokens_prepended():
+def test_dit_takes_image_tokens_of_its_image_dim():
     cfg = get_preset("tiny")
     cfg = cfg.replace(dit=type(cfg.dit)(**{**cfg.dit.__dict__, "image_dim": 24}))
     dit = DiT(cfg)

@@ -4,8 +4,8 @@ A centred object image [B, 3, S, S] in [0, 1] (`ln3diff_rt.images.centre_object`
 stride-2 conv 3x3 per entry of `channels` and one more conv 3x3 at the last resolution (GroupNorm +
 SiLU after each; receptive field 31 pixels for three stages); every cell of the last feature map
 [B, C, S / 2^n, S / 2^n] becomes one token, projected to `width`, plus a learned positional embedding.
-The DiT attends to these tokens and pools them into its AdaLN vector. Small on purpose: it trains on
-one CPU core beside the DiT (a second conv per stage tripled its cost for primitives it already tells apart).
+The DiT attends to these tokens and adds their mean to its pooled text vector. Small on purpose: it
+trains on one CPU core beside the DiT (a second conv per stage doubled its time per step).
 """
 
 from __future__ import annotations

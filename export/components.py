@@ -106,7 +106,9 @@ def component_specs(models: Models, text: TextEncoder | None, names: tuple[str, 
             def make(s, gen=gen):
                 return (_randn(gen, (s["batch"], *cfg.latent_shape), dtype, device),)
 
-            specs.append(ComponentSpec("decoder", _cast(models.vae.decoder, dtype, device), ("latent",),
+            # The project's VAE holds its decoder; a published model's VAE component is the decoder itself.
+            decoder = getattr(models.vae, "decoder", models.vae)
+            specs.append(ComponentSpec("decoder", _cast(decoder, dtype, device), ("latent",),
                                        ("planes",), {"latent": batch, "planes": batch}, make, {}))
         elif name == "field":
             def make(s, gen=gen):

@@ -119,3 +119,22 @@ def test_samplers_of_the_eps_model(surfaced_t23d, tiny_clip_dir, capsys):
     assert main(["generate", "a chair", "--ckpt", str(surfaced_t23d), "--text-encoder", str(tiny_clip_dir),
                  "--sampler", "heun"]) == 2
     assert "--sampler='heun': expected one of euler, dpmpp_2m" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_build_engine_takes_the_converted_model(converted_t23d, tiny_clip_dir, tmp_path):
+    """ONNX engines of the official denoiser and decoder, loaded back as a backend, match eager."""
+    from export.build_engine import build_engine
+
+    manifest = build_engine(converted_t23d, tmp_path / "engine", "onnx", components=("denoiser", "decoder"),
+                            progress=False)
+    assert max(max(e.max_abs_error.values()) for e in manifest.components if e.file) < 1e-4
+    options = GenerationOptions(steps=2, sampler="euler", mesh_resolution=16, preview_views=0, texture=0)
+    eager, onnx = (Generator.from_checkpoint(converted_t23d, backend=b, engine_dir=tmp_path / "engine",
+                                             text_encoder=str(tiny_clip_dir)) for b in ("eager", "onnx"))
+    a, b = (generate(g, ["a chair"], [4], options)[0] for g in (eager, onnx))
+    torch.testing.assert_close(b.latent, a.latent, rtol=0, atol=1e-3)  # two guided steps of a random DiT
+    # The decoders agree on unit-scale latents (the build's check above, < 1e-4). On this sampled latent, ten
+    # times that scale, the random-weight decoder's attention turns near one-hot and magnifies float rounding
+    # (measured: 4e-3 at scale 10 against 6e-6 at scale 1), so only the end-to-end run is asserted there.
+    assert b.triplane.shape == a.triplane.shape and torch.isfinite(b.triplane).all()

@@ -13,6 +13,10 @@
    - shape: its occupancy (density above the mesh threshold on a 32^3 grid) is compared by IoU
      with every primitive's exact occupancy at that size, best over yaw; correct when the named
      primitive has the highest IoU (chance 1/9).
+3. Image adherence (`--image`, image-conditioned models): `--image-views` renders of every held-out
+   object (its dataset views) are the condition images of as many generations, with the empty
+   prompt; colour and shape are judged as in 2 against the object's own colour and shape, the shape
+   best over yaw and size (a centred image shows no absolute size).
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.rendering import render_chunked
 from ln3diff_rt.runner import Request, run
-from training.data.dataset import MultiViewDataset, load_object
-from training.data.synth import COLOURS, SHAPES, ObjectSpec, sdf
+from training.data.dataset import MultiViewDataset, load_image, load_object, read_transforms
+from training.data.synth import COLOURS, SHAPES, SIZES, ObjectSpec, sdf
 from training.vae import evaluate_psnr, reconstruct_planes
 
 GRID = 32
@@ -62,10 +66,11 @@ def grid_points() -> torch.Tensor:
     return cell_centres(GRID).reshape(-1, 3)
 
 
-def primitive_occupancies(size: str) -> dict[str, list[np.ndarray]]:
-    """Exact occupancy grids of every primitive at `size`, one per yaw."""
+def primitive_occupancies(*sizes: str) -> dict[str, list[np.ndarray]]:
+    """Exact occupancy grids of every primitive at each of `sizes`, one per size and yaw."""
     points = grid_points().numpy()
-    return {shape: [sdf(ObjectSpec(shape, "red", size, float(yaw)), points) < 0 for yaw in YAWS] for shape in SHAPES}
+    return {shape: [sdf(ObjectSpec(shape, "red", size, float(yaw)), points) < 0 for size in sizes for yaw in YAWS]
+            for shape in SHAPES}
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,6 +95,31 @@ def foreground_colour(generator: Generator, planes: torch.Tensor, views: int = 3
     return np.mean(colours, axis=0) if colours else None
 
 
+def judge(generator: Generator, planes: torch.Tensor, refs: dict[str, np.ndarray],
+          shapes_ref: dict[str, list[np.ndarray]], colour: str, shape: str) -> dict:
+    """Colour and shape of one generated tri-plane [3, C, R, R] against the intended `colour` and `shape`."""
+    density, _ = generator.components.field(planes[None], grid_points()[None])
+    occupied = (density[0] > generator.config.renderer.mesh_threshold).numpy()
+    scores = {s: max(iou(occupied, occ) for occ in occs) for s, occs in shapes_ref.items()}
+    mean_rgb = foreground_colour(generator, planes)
+    nearest = None if mean_rgb is None else min(refs, key=lambda c: float(np.linalg.norm(refs[c] - mean_rgb)))
+    return {"colour": colour, "shape": shape, "predicted_colour": nearest,
+            "predicted_shape": max(scores, key=scores.get), "iou_named": round(scores.get(shape, 0.0), 3),
+            "iou_best": round(max(scores.values()), 3),
+            "occupied_voxels": int(occupied.sum())}
+
+
+def summarise(rows: list[dict]) -> dict:
+    """Colour and shape accuracy over `rows` (judge's records), and the shape accuracy per intended shape."""
+    shapes = [s for s in SHAPES if any(r["shape"] == s for r in rows)]
+    return {"colour_accuracy": float(np.mean([r["predicted_colour"] == r["colour"] for r in rows])),
+            "colour_chance": 1 / len(COLOURS),
+            "shape_accuracy": float(np.mean([r["predicted_shape"] == r["shape"] for r in rows])),
+            "shape_chance": 1 / len(SHAPES),
+            "shape_accuracy_per_shape": {s: float(np.mean([r["predicted_shape"] == s for r in rows if r["shape"] == s]))
+                                         for s in shapes}}
+
+
 def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0,
                      seeds_per_prompt: int = 1) -> dict:
     refs = reference_colours(data)
@@ -99,25 +129,31 @@ def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int 
     options = GenerationOptions(steps=steps, guidance=guidance, preview_views=0)
     requests = [Request(text, seed + i, options, mesh=False) for i, text in enumerate(texts)]
     planes = torch.stack([result.triplane for result in run(generator, requests)])
-    points = grid_points()
-    rows = []
-    for i, (colour, shape) in enumerate(prompts):
-        density, _ = generator.components.field(planes[i:i + 1], points[None])
-        occupied = (density[0] > generator.config.renderer.mesh_threshold).numpy()
-        scores = {s: max(iou(occupied, occ) for occ in occs) for s, occs in shapes_ref.items()}
-        mean_rgb = foreground_colour(generator, planes[i])
-        nearest = None if mean_rgb is None else min(refs, key=lambda c: float(np.linalg.norm(refs[c] - mean_rgb)))
-        rows.append({"prompt": texts[i], "seed": seed + i, "colour": colour, "shape": shape,
-                     "predicted_colour": nearest,
-                     "predicted_shape": max(scores, key=scores.get), "iou_named": round(scores[shape], 3),
-                     "iou_best": round(max(scores.values()), 3), "occupied_voxels": int(occupied.sum())})
-    colour_acc = float(np.mean([r["predicted_colour"] == r["colour"] for r in rows]))
-    shape_acc = float(np.mean([r["predicted_shape"] == r["shape"] for r in rows]))
-    per_shape = {s: float(np.mean([r["predicted_shape"] == s for r in rows if r["shape"] == s])) for s in SHAPES}
-    return {"prompts": len(rows) // seeds_per_prompt, "seeds_per_prompt": seeds_per_prompt,
-            "colour_accuracy": colour_acc, "colour_chance": 1 / len(COLOURS),
-            "shape_accuracy": shape_acc, "shape_chance": 1 / len(SHAPES), "shape_accuracy_per_shape": per_shape,
+    rows = [{"prompt": texts[i], "seed": seed + i, **judge(generator, planes[i], refs, shapes_ref, colour, shape)}
+            for i, (colour, shape) in enumerate(prompts)]
+    return {"prompts": len(rows) // seeds_per_prompt, "seeds_per_prompt": seeds_per_prompt, **summarise(rows),
             "steps": steps, "guidance": guidance, "rows": rows}
+
+
+def image_adherence(generator: Generator, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0,
+                    views: int = 3) -> dict:
+    """Generate from `views` renders of each held-out object (empty prompt) and judge colour and shape against the
+    object's own; the shape best over yaw and size."""
+    refs = reference_colours(data)
+    shapes_ref = primitive_occupancies(*SIZES)
+    records = [read_transforms(t.parent) for t in sorted(Path(data, "val").glob("*/transforms.json"))]
+    options = GenerationOptions(steps=steps, guidance=guidance, preview_views=0)
+    cases = [(record, frame % len(record.image_paths)) for record in records for frame in range(views)]
+    requests = [Request("", seed + i, options, mesh=False, image=load_image(record, frame))
+                for i, (record, frame) in enumerate(cases)]
+    planes = torch.stack([result.triplane for result in run(generator, requests)])
+    rows = []
+    for i, (record, frame) in enumerate(cases):
+        spec = ObjectSpec.from_meta(record.meta["ln3diff_synth"])
+        rows.append({"object": record.transforms_path.parent.name, "view": frame, "seed": seed + i,
+                     **judge(generator, planes[i], refs, shapes_ref, spec.colour, spec.shape)})
+    return {"objects": len(records), "views_per_object": views, **summarise(rows), "steps": steps,
+            "guidance": guidance, "rows": rows}
 
 
 @torch.no_grad()
@@ -176,15 +212,26 @@ def calibrate_checkpoint(ckpt: str, data: str, seed: int = 0) -> dict:
 
 
 def evaluate(ckpt: str | None, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0,
-             seeds_per_prompt: int = 1) -> dict:
+             seeds_per_prompt: int = 1, image_views: int = 0) -> dict:
+    """VAE figures and prompt adherence, and image adherence from `image_views` renders per held-out object (0: not)."""
     torch.manual_seed(seed)
     generator = Generator.from_checkpoint(ckpt)
     cfg = generator.config
     val = MultiViewDataset(data, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=seed)
     psnr = evaluate_psnr(generator.models.vae, val, len(val), "cpu")
     geometry = reconstruction_iou(generator.models.vae, val, cfg.renderer.mesh_threshold)
-    return {"vae_val_psnr": psnr, "val_objects": len(val), "vae_val_iou": geometry,
-            "adherence": prompt_adherence(generator, data, seed, steps, guidance, seeds_per_prompt)}
+    result = {"vae_val_psnr": psnr, "val_objects": len(val), "vae_val_iou": geometry,
+              "adherence": prompt_adherence(generator, data, seed, steps, guidance, seeds_per_prompt)}
+    if image_views:
+        result["image_adherence"] = image_adherence(generator, data, seed, steps, guidance, image_views)
+    return result
+
+
+def print_adherence(title: str, a: dict) -> None:
+    print(f"{title + ': colour nearest the intended one':<48} {a['colour_accuracy']:>8.1%} {a['colour_chance']:>8.1%}")
+    print(f"{title + ': shape nearest the intended one':<48} {a['shape_accuracy']:>8.1%} {a['shape_chance']:>8.1%}")
+    for shape, acc in a["shape_accuracy_per_shape"].items():
+        print(f"  {shape:<46} {acc:>8.1%}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -197,6 +244,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale")
     p.add_argument("--seeds-per-prompt", type=int, default=1,
                    help="objects per prompt (each figure moves by about 5 points with one; 3 for a model card)")
+    p.add_argument("--image", action="store_true",
+                   help="also measure image adherence: generate from renders of each held-out object (image models)")
+    p.add_argument("--image-views", type=int, default=3, help="renders per held-out object with --image")
     p.add_argument("--json", default=None, help="also write the full result (every prompt) here")
     p.add_argument("--calibrate-threshold", action="store_true",
                    help="only measure the mesh density threshold on held-out objects and write it into --ckpt")
@@ -209,20 +259,25 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.seeds_per_prompt < 1:
         p.error(f"--seeds-per-prompt {args.seeds_per_prompt}: expected at least 1")
-    result = evaluate(args.ckpt, args.data, args.seed, args.steps, args.guidance, args.seeds_per_prompt)
-    a = result["adherence"]
-    print(f"{'metric':<34} {'value':>8} {'chance':>8}")
+    if args.image_views < 1:
+        p.error(f"--image-views {args.image_views}: expected at least 1")
+    result = evaluate(args.ckpt, args.data, args.seed, args.steps, args.guidance, args.seeds_per_prompt,
+                      args.image_views if args.image else 0)
+    print(f"{'metric':<48} {'value':>8} {'chance':>8}")
     psnr = result['vae_val_psnr']
-    print(f"{'VAE PSNR, held-out views (dB)':<34} {psnr:>8.2f} {'':>8}  ({result['val_objects']} objects)")
+    print(f"{'VAE PSNR, held-out views (dB)':<48} {psnr:>8.2f} {'':>8}  ({result['val_objects']} objects)")
     geometry = result["vae_val_iou"]
-    print(f"{'VAE geometry IoU, held-out objects':<34} {geometry['mean']:>8.3f} {'':>8}  (32^3, mesh threshold)")
+    print(f"{'VAE geometry IoU, held-out objects':<48} {geometry['mean']:>8.3f} {'':>8}  (32^3, mesh threshold)")
     for shape, value in geometry["per_shape"].items():
-        print(f"  {shape:<32} {value:>8.3f}")
-    print(f"{'colour nearest the named colour':<34} {a['colour_accuracy']:>8.1%} {a['colour_chance']:>8.1%}")
-    print(f"{'shape nearest the named primitive':<34} {a['shape_accuracy']:>8.1%} {a['shape_chance']:>8.1%}")
-    for shape, acc in a["shape_accuracy_per_shape"].items():
-        print(f"  {shape:<32} {acc:>8.1%}")
+        print(f"  {shape:<46} {value:>8.3f}")
+    a = result["adherence"]
+    print_adherence("prompt", a)
     print(f"({a['prompts']} prompts x {a['seeds_per_prompt']} seeds, {a['steps']} steps, guidance {a['guidance']})")
+    if "image_adherence" in result:
+        a = result["image_adherence"]
+        print_adherence("image", a)
+        print(f"({a['objects']} held-out objects x {a['views_per_object']} renders, empty prompt, {a['steps']} steps, "
+              f"guidance {a['guidance']})")
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))
 

@@ -8,6 +8,11 @@ Writes three PNGs:
 - sample_previews.png: one row per prompt, four ray-marched turntable views of the generated object;
 - sample_meshes.png: the meshes extracted from those objects (what the GLB holds), drawn with flat
   Lambert shading by a painter's-algorithm rasteriser, so what is shown is the triangles themselves.
+and for an image-conditioned model two more, one row per condition image (empty prompt): the image as
+the encoder sees it (centred, at its input size), four turntable views and the mesh drawing:
+- image_to_3d.png: a render of each of the first held-out objects of every shape;
+- image_to_3d_photos.png: the photos given with --images (`images.read_image`: RGBA, or RGB on a plain
+  background).
 """
 
 from __future__ import annotations
@@ -21,12 +26,13 @@ from PIL import Image, ImageDraw
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.conventions import PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
+from ln3diff_rt.images import centre_object, read_image
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.rendering import render_chunked
-from ln3diff_rt.runner import generate
-from training.data.dataset import MultiViewDataset
+from ln3diff_rt.runner import Request, generate, run
+from training.data.dataset import MultiViewDataset, load_image
 from training.vae import reconstruct_planes
 
 DEFAULT_PROMPTS = ("a red cube", "a blue sphere", "a yellow torus", "a green cone", "a purple cylinder",
@@ -49,17 +55,23 @@ def to_uint8(rgb: torch.Tensor) -> np.ndarray:
     return (rgb.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).cpu().numpy()
 
 
+def first_of_each_shape(dataset: MultiViewDataset) -> list[int]:
+    """Indices of the first held-out object of each shape, in dataset order."""
+    first: dict[str, int] = {}
+    for i, record in enumerate(dataset.records):
+        first.setdefault(record.meta.get("ln3diff_synth", {}).get("shape", f"object {i}"), i)
+    return list(first.values())
+
+
 @torch.no_grad()
 def vae_reconstructions(generator: Generator, data: str, views: int = 3) -> list[list[np.ndarray]]:
     """Rows of `views` ground-truth views then the same views rendered from the VAE's reconstruction."""
     cfg = generator.config
     dataset = MultiViewDataset(data, "val", cfg.encoder.num_views, views, cfg.encoder.image_size, "skip", seed=0)
-    first_of_shape: dict[str, int] = {}
-    for i, record in enumerate(dataset.records):
-        first_of_shape.setdefault(record.meta.get("ln3diff_synth", {}).get("shape", f"object {i}"), i)
+    first_of_shape = first_of_each_shape(dataset)
     rows = []
     vae = generator.models.vae
-    for index in list(first_of_shape.values())[:6]:
+    for index in first_of_shape[:6]:
         item = dataset[index]
         planes = reconstruct_planes(vae, item)
         truth = [to_uint8(image.permute(1, 2, 0)) for image in item["target_images"]]
@@ -107,6 +119,23 @@ def samples(generator: Generator, prompts: list[str], seed: int, views: int = 4
     return [r.previews for r in results], [draw_mesh(r.mesh, c2w) for r in results]
 
 
+def image_samples(generator: Generator, images: list[np.ndarray], seed: int, views: int = 4
+                  ) -> list[list[np.ndarray]]:
+    """Per RGBA condition image [H, W, 4] (empty prompt): the image as the encoder sees it, `views` turntable
+    frames of the generated object and its mesh drawing."""
+    options = GenerationOptions(preview_views=views, preview_size=CELL)
+    requests = [Request("", seed + i, options, image=image) for i, image in enumerate(images)]
+    c2w = orbit_camera(-60.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
+    return [[to_uint8(centre_object(image, generator.image_size).permute(1, 2, 0)), *r.previews,
+             draw_mesh(r.mesh, c2w)] for image, r in zip(images, run(generator, requests), strict=True)]
+
+
+def held_out_renders(data: str, frame: int = 0) -> list[np.ndarray]:
+    """View `frame` (RGBA) of the first held-out object of each shape."""
+    dataset = MultiViewDataset(data, "val", 1, 1, None, "skip", seed=0)
+    return [load_image(dataset.records[i], frame) for i in first_of_each_shape(dataset)]
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m training.figures", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", default="docs", help="output folder (default: %(default)s)")
     p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="prompts of the sample figures")
     p.add_argument("--seed", type=int, default=0, help="seed of the first prompt's object; prompt i uses seed + i")
+    p.add_argument("--images", nargs="*", default=[], help="photos for image_to_3d_photos.png (image models)")
     args = p.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -124,7 +154,15 @@ def main(argv: list[str] | None = None) -> None:
     previews, meshes = samples(generator, args.prompts, args.seed)
     grid_image(previews).save(out / "sample_previews.png")
     grid_image([meshes], cell=160).save(out / "sample_meshes.png")
-    for name in ("vae_reconstructions.png", "sample_previews.png", "sample_meshes.png"):
+    written = ["vae_reconstructions.png", "sample_previews.png", "sample_meshes.png"]
+    if generator.config.takes_images:
+        grid_image(image_samples(generator, held_out_renders(args.data), args.seed)).save(out / "image_to_3d.png")
+        written.append("image_to_3d.png")
+        if args.images:
+            photos = [read_image(path) for path in args.images]
+            grid_image(image_samples(generator, photos, args.seed)).save(out / "image_to_3d_photos.png")
+            written.append("image_to_3d_photos.png")
+    for name in written:
         print(f"wrote {out / name}")
 
 

@@ -92,7 +92,7 @@ def test_diffusion_steps_lower_the_loss_and_ship_a_model(dataset, vae_checkpoint
     assert models.config.latent_scale == pytest.approx(start["latent_scale"]) and models.config.latent_scale > 0
     # The last held-out loss was measured on the EMA weights, and those are the weights shipped.
     val = load_latents(tmp_path / "latents" / "val.safetensors")
-    shipped = diffusion.evaluate(models.dit, val, models.config.latent_scale, "cpu")
+    shipped = diffusion.evaluate(models.dit, val, models.config.latent_scale, "cpu", models.image_encoder)
     assert records(tmp_path / "log.jsonl", "eval")[-1]["val_flow_loss"] == pytest.approx(shipped, abs=1e-5)
 
 
@@ -238,7 +238,8 @@ def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path,
     monkeypatch.setattr(evaluate, "COLOURS", {k: evaluate.COLOURS[k] for k in ("red", "blue")})
     monkeypatch.setattr(evaluate, "SHAPES", ("sphere", "cube"))
     out = tmp_path / "eval.json"
-    evaluate.main(["--ckpt", str(model), "--data", str(dataset), "--seeds-per-prompt", "2", "--json", str(out)])
+    evaluate.main(["--ckpt", str(model), "--data", str(dataset), "--seeds-per-prompt", "2", "--image", "--image-views",
+                   "2", "--json", str(out)])
     result = json.loads(out.read_text())
     adherence = result["adherence"]
     assert adherence["prompts"] == 4 and adherence["seeds_per_prompt"] == 2 and len(adherence["rows"]) == 8
@@ -258,3 +259,133 @@ def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path,
     val = MultiViewDataset(dataset, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=0)
     assert result["vae_val_psnr"] == pytest.approx(vae_training.evaluate_psnr(models.vae, val, len(val), "cpu"))
     assert result["vae_val_iou"] == evaluate.reconstruction_iou(models.vae, val, cfg.renderer.mesh_threshold)
+    # Image adherence: two renders of every held-out object, judged against that object's own colour and shape.
+    image = result["image_adherence"]
+    rows = image["rows"]
+    assert image["objects"] == len(val) and len(rows) == 2 * len(val) and len({r["seed"] for r in rows}) == len(rows)
+    for record, pair in zip(val.records, zip(rows[::2], rows[1::2], strict=True), strict=True):
+        truth = record.meta["ln3diff_synth"]
+        assert [(r["object"], r["view"], r["colour"], r["shape"]) for r in pair] == [
+            (record.transforms_path.parent.name, v, truth["colour"], truth["shape"]) for v in (0, 1)]
+    n = len(rows)
+    assert image["colour_accuracy"] == pytest.approx(sum(r["predicted_colour"] == r["colour"] for r in rows) / n)
+    assert image["shape_accuracy"] == pytest.approx(sum(r["predicted_shape"] == r["shape"] for r in rows) / n)
+
+
+@pytest.fixture(scope="module")
+def text_model(dataset, vae_checkpoint, tmp_path_factory):
+    """A text-only diffusion run (--condition-image-size 0): the kind of model the image runs start from."""
+    return diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path_factory.mktemp("text"),
+                                                  condition_image_size=0, steps=4, lr=2e-3))
+
+
+def test_text_only_training_ships_no_image_encoder(text_model):
+    models = load_models(text_model, require=("vae", "dit"))
+    assert models.config.image_encoder is None and models.config.dit.image_dim == 0
+    assert models.image_encoder is None and not any("image" in k for k in models.dit.state_dict())
+
+
+def test_condition_images_are_views_of_each_latents_object_centred_like_user_images(dataset, vae_checkpoint, tmp_path):
+    import numpy as np
+
+    from ln3diff_rt.images import centre_object
+    from training.data.dataset import MultiViewDataset, load_image
+    from training.latents import CONDITION_VIEWS
+
+    diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path, steps=1))
+    latents = load_latents(tmp_path / "latents" / "train.safetensors")
+    records = MultiViewDataset(dataset, "train", 4, 1, 64).records
+    assert latents.images.shape == (len(records), CONDITION_VIEWS, 3, 64, 64)
+    assert len(latents.object_ids) == 2 * len(records)  # encode_passes 2
+    for i, j in enumerate(latents.object_ids.tolist()):
+        assert latents.captions[latents.caption_ids[i]] == records[j].caption
+    # Each stored view is one of the object's own views, centred and scaled as `images.centre_object` does.
+    own = [centre_object(load_image(records[0], f), 64) for f in range(len(records[0].image_paths))]
+    for k in range(CONDITION_VIEWS):
+        stored = latents.images[0, k].float() / 255.0
+        assert min(float((stored - view).abs().max()) for view in own) == 0.0
+    other = centre_object(load_image(records[1], 0), 64)
+    assert float((latents.images[0].float() / 255.0 - other).abs().amax(dim=(1, 2, 3)).min()) > 0.05
+    assert np.unique(latents.images[0].reshape(CONDITION_VIEWS, -1).numpy(), axis=0).shape[0] > 1  # not one view
+
+
+def test_text_and_image_conditions_are_dropped_independently():
+    from ln3diff_rt.config import ImageEncoderConfig
+    from ln3diff_rt.models.image_encoder import ImageEncoder
+    from ln3diff_rt.sampling import Condition
+
+    seen = {}
+
+    def spy(z, t, context, pooled, image):
+        seen.update(context=context, pooled=pooled, image=image)
+        return z
+
+    encoder = ImageEncoder(ImageEncoderConfig(image_size=16, channels=(4,), width=8))
+    objective = diffusion.FlowObjective(spy, encoder, dropout=0.5)
+    n = 256
+    context, pooled = torch.randn(n, 3, 5), torch.randn(n, 5)
+    null = Condition(torch.zeros(1, 3, 5), torch.zeros(1, 5))
+    images = torch.rand(n, 3, 16, 16)
+    objective(torch.randn(n, 3, 4, 2, 2), context, pooled, images, null, torch.Generator().manual_seed(0))
+    text_dropped = (seen["context"] == 0).all(dim=(1, 2)) & (seen["pooled"] == 0).all(dim=1)
+    image_dropped = (seen["image"] == 0).all(dim=(1, 2))
+    kept_text = ~text_dropped
+    assert torch.equal(seen["context"][kept_text], context[kept_text])
+    with torch.no_grad():
+        assert torch.equal(seen["image"][~image_dropped], encoder(images)[~image_dropped])
+    for dropped in (text_dropped, image_dropped):
+        assert 0.4 < dropped.float().mean() < 0.6
+    both = (text_dropped & image_dropped).float().mean()
+    assert 0.15 < both < 0.35  # about 0.5 * 0.5: independent, not the same draw
+
+
+def test_init_from_a_text_model_starts_at_it_and_generates_from_an_image(dataset, vae_checkpoint, text_model,
+                                                                                 tmp_path):
+    import numpy as np
+
+    from ln3diff_rt.options import GenerationOptions
+    from ln3diff_rt.pipeline import Generator
+    from ln3diff_rt.runner import Request, run
+    from training.data.dataset import MultiViewDataset, load_image
+
+    start = diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path / "start", steps=0,
+                                                   init_from=str(text_model)))
+    text, image = load_models(text_model), load_models(start, require=("vae", "dit", "image_encoder"))
+    assert image.config.latent_scale == text.config.latent_scale  # the DiT learned at the init's scale
+    assert image.config.image_encoder.image_size == 64 and image.metadata["init_from"].startswith(text_model.name)
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(2, *text.config.latent_shape, generator=g), torch.rand(2, generator=g)
+    ctx, pooled = torch.randn(2, 32, 384, generator=g), torch.randn(2, 384, generator=g)
+    with torch.no_grad():
+        tokens = image.image_encoder(torch.rand(2, 3, 64, 64, generator=g))
+        assert torch.equal(image.dit(x, t, ctx, pooled, torch.zeros_like(tokens)), text.dit(x, t, ctx, pooled))
+        assert not torch.equal(image.dit(x, t, ctx, pooled, tokens), text.dit(x, t, ctx, pooled))
+    # A few steps on: the image now matters, and the pipeline generates from one (the prompt may be empty).
+    tuned = diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path / "tuned", steps=4, lr=2e-3,
+                                                   init_from=str(text_model), freeze_dit=True))
+    tuned_dit = load_models(tuned).dit.state_dict()
+    for name, value in text.dit.state_dict().items():  # --freeze-dit: only the image paths trained
+        assert torch.equal(tuned_dit[name], value), name
+    assert any(not torch.equal(tuned_dit[name], value) for name, value in image.dit.state_dict().items()
+               if "image" in name)
+    train = records(tmp_path / "tuned" / "log.jsonl", "train")
+    assert all(r["loss"] == pytest.approx(r["flow"] + r["distill"], abs=2e-5) for r in train)  # distillation weight 1
+    generator = Generator.from_checkpoint(tuned)
+    record = MultiViewDataset(dataset, "val", 4, 1, 64).records[0]
+    options = GenerationOptions(steps=2, preview_views=0)
+    requests = [Request("", 0, options, mesh=False, image=load_image(record, 0)), Request("a red cube", 0, options,
+                                                                                           mesh=False)]
+    with_image, without = (r.triplane for r in run(generator, requests))
+    assert with_image.shape == without.shape and np.isfinite(with_image.numpy()).all()
+    assert not torch.equal(with_image, without)
+    # The model card's figure: per image, the image as the encoder sees it, the turntable and the mesh drawing.
+    from training.figures import held_out_renders, image_samples
+
+    renders = held_out_renders(str(dataset))
+    shapes = {r.meta["ln3diff_synth"]["shape"] for r in MultiViewDataset(dataset, "val", 1, 1).records}
+    assert len(renders) == len(shapes)
+    row = image_samples(generator, renders[:1], seed=0, views=2)[0]
+    assert [tile.shape for tile in row[:3]] == [(64, 64, 3), (128, 128, 3), (128, 128, 3)] and row[3].ndim == 3
+    with pytest.raises(Exception, match="does not fit"):
+        diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path / "bad", steps=0,
+                                               condition_image_size=0, init_from=str(tuned)))

@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError, Message
 
 from ln3diff_rt.images import ImageError, read_image
 from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
-from ln3diff_rt.options import GenerationOptions, InvalidOption, option_specs, resolve_seed
+from ln3diff_rt.options import GenerationOptions, InvalidOption, int_list, option_specs, resolve_seed
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.prompts import normalise_prompt
 from ln3diff_rt.runner import Request
@@ -25,7 +25,7 @@ from serve.ln3diff.v1 import generator_pb2 as pb
 DEFAULT_FORMATS = ("glb",)
 # Bytes per face of each mesh file, for V ~ F / 2 vertices (a closed surface), with a margin over what was measured
 # at 200k faces (GLB 26, OBJ 94, PLY 27), and each file's fixed part (headers, the object's name, GLB extras).
-MESH_BYTES_PER_FACE = {"glb": 32, "obj": 120, "ply": 32}
+MESH_BYTES_PER_FACE = {"glb": 32, "obj": 120, "ply": 32, "usdz": 40, "usda": 160}
 MESH_FILE_BYTES = 64 << 10
 RESULT_BYTES = 64 << 10  # the Result message: counts, timings, warnings
 
@@ -145,8 +145,10 @@ def unary_reply_refusal(request: Request, size: int, limit: int, measured: bool)
 def _reply_parts(request: Request) -> tuple[int, int]:
     """(mesh bytes, preview bytes) of a reply, estimated from the settings; no face budget: a box-filling surface."""
     o = request.options
-    faces = o.faces or 12 * o.mesh_resolution ** 2
-    meshes = sum(MESH_BYTES_PER_FACE[fmt] * faces + MESH_FILE_BYTES for fmt in request.formats) if request.mesh else 0
+    faces = (o.faces or 12 * o.mesh_resolution ** 2) + sum(int_list(o.lods) or [])  # every level is a file
+    texture = 3 * o.texture ** 2  # an uncompressed bound of the PNG, embedded or beside each format's files
+    meshes = sum(MESH_BYTES_PER_FACE[fmt] * faces + MESH_FILE_BYTES + texture for fmt in request.formats) \
+        if request.mesh else 0
     return meshes, o.preview_views * (3 * o.preview_size ** 2 + o.preview_size + 1024)
 
 

@@ -119,9 +119,6 @@ def test_every_file_streams_and_is_listed_with_size_sha256_and_name(client, tmp_
     assert [m.format for m in streamed.result.meshes] == ["usdz"] and streamed.meshes["usdz"][:2] == b"PK"
 
 
-@pytest.mark.xfail(strict=True, raises=grpc.RpcError,
-                   reason="serve/validation.py's unary reply estimate (MESH_BYTES_PER_FACE) has no usdz / usda entry, "
-                          "nor texture or level-of-detail files: GenerateUnary answers INTERNAL (KeyError)")
 def test_unary_usdz(client):
     unary = client.generate_unary("a red cube", seed=5, formats=["usdz"], texture=64, **FAST_RPC)
     assert [m.format for m in unary.result.meshes] == ["usdz"] and unary.meshes["usdz"][:2] == b"PK"

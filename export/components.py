@@ -91,17 +91,31 @@ def component_specs(models: Models, text: TextEncoder | None, names: tuple[str, 
             if text is None:
                 raise ValueError("exporting the text encoder needs its TextEncoder")
             specs.append(_text_spec(text, dtype, device))
-        elif name == "denoiser":
-            def make(s, gen=gen):
-                b = s["batch"]
-                return (_randn(gen, (b, *cfg.latent_shape), dtype, device),
-                        torch.rand(b, generator=gen).to(device=device, dtype=dtype),
-                        _randn(gen, (b, cfg.dit.context_len, cfg.dit.context_dim), dtype, device),
-                        F.normalize(_randn(gen, (b, cfg.dit.context_dim), dtype, device), dim=-1))
+        elif name == "image_encoder":
+            if models.image_encoder is None:
+                continue  # a text-only model: the component stays absent (eager None)
+            enc = cfg.image_encoder
 
-            axes = {"x": batch, "t": batch, "context": batch, "pooled": batch, "v": batch}
-            specs.append(ComponentSpec("denoiser", _cast(models.dit, dtype, device), ("x", "t", "context", "pooled"),
-                                       ("v",), axes, make, {}))
+            def make(s, gen=gen, enc=enc):
+                return (torch.rand(s["batch"], 3, enc.image_size, enc.image_size, generator=gen).to(device, dtype),)
+
+            specs.append(ComponentSpec("image_encoder", _cast(models.image_encoder, dtype, device), ("images",),
+                                       ("tokens",), {"images": batch, "tokens": batch}, make, {}))
+        elif name == "denoiser":
+            image = models.image_encoder is not None  # image-conditioned: image tokens are a fifth input
+
+            def make(s, gen=gen, image=image):
+                b = s["batch"]
+                inputs = (_randn(gen, (b, *cfg.latent_shape), dtype, device),
+                          torch.rand(b, generator=gen).to(device=device, dtype=dtype),
+                          _randn(gen, (b, cfg.dit.context_len, cfg.dit.context_dim), dtype, device),
+                          F.normalize(_randn(gen, (b, cfg.dit.context_dim), dtype, device), dim=-1))
+                enc = cfg.image_encoder
+                return inputs + ((_randn(gen, (b, enc.tokens, enc.width), dtype, device),) if image else ())
+
+            names = ("x", "t", "context", "pooled") + (("image",) if image else ())
+            axes = {**{n: batch for n in names}, "v": batch}
+            specs.append(ComponentSpec("denoiser", _cast(models.dit, dtype, device), names, ("v",), axes, make, {}))
         elif name == "decoder":
             def make(s, gen=gen):
                 return (_randn(gen, (s["batch"], *cfg.latent_shape), dtype, device),)
@@ -121,7 +135,8 @@ def component_specs(models: Models, text: TextEncoder | None, names: tuple[str, 
                                        ("density", "rgb"), {"points": n, "density": n, "rgb": n}, make,
                                        {"form": "projected" if projected_field else "reference"}))
         else:
-            raise ValueError(f"component {name!r}: expected one of text_encoder, denoiser, decoder, field")
+            raise ValueError(f"component {name!r}: expected one of text_encoder, image_encoder, denoiser, decoder, "
+                             "field")
     return specs
 
 

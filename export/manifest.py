@@ -18,7 +18,7 @@ import torch
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_VERSION = 1
-COMPONENTS = ("text_encoder", "denoiser", "decoder", "field")
+COMPONENTS = ("text_encoder", "image_encoder", "denoiser", "decoder", "field")
 PRECISIONS = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

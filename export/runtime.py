@@ -67,7 +67,7 @@ def load_engine_components(engine_dir: str | Path | None, backend: str, ckpt_pat
         require_tensorrt(device)
     entries = {e.component: e for e in manifest.components if e.backend != "eager"}
     engines = {name: load_engine(engine_dir, e, device) for name, e in entries.items()}
-    out = Components(eager.text_encoder, eager.denoiser, eager.decoder, eager.field)
+    out = Components(eager.text_encoder, eager.denoiser, eager.decoder, eager.field, eager.image_encoder)
     if "text_encoder" in engines:
         entry = entries["text_encoder"]
         if entry.extra.get("max_length") != eager.text_encoder.max_length:
@@ -78,7 +78,10 @@ def load_engine_components(engine_dir: str | Path | None, backend: str, ckpt_pat
                                              [i.name for i in entry.inputs], engines["text_encoder"])
     if "denoiser" in engines:
         denoiser = engines["denoiser"]
-        out.denoiser = lambda x, t, context, pooled: denoiser(x, t, context, pooled)[0]
+        out.denoiser = lambda *inputs: denoiser(*inputs)[0]  # (x, t, context, pooled[, image tokens])
+    if "image_encoder" in engines:
+        image_encoder = engines["image_encoder"]
+        out.image_encoder = lambda images: image_encoder(images)[0]
     if "decoder" in engines:
         decoder = engines["decoder"]
         out.decoder = lambda latent: decoder(latent)[0]

@@ -43,7 +43,7 @@ def test_manifest_and_summary(built):
     assert manifest.entry("field").extra["form"] == "projected"  # the gather form (export/field.py)
     table = summary_table(manifest).splitlines()
     assert table[0].split()[:5] == ["component", "backend", "file", "size", "seconds"]
-    assert "stays eager" in table[1] and "denoiser.pt2" in table[2]
+    assert "stays eager" in table[1] and "stays eager" in table[2] and "denoiser.pt2" in table[3]  # text, image
 
 
 @pytest.mark.parametrize("batch", [1, 4])

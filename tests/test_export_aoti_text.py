@@ -18,7 +18,7 @@ def generators(tmp_path_factory, random_tiny_checkpoint):
     engine_dir = tmp_path_factory.mktemp("aoti_text")
     manifest = build_engine(ckpt, engine_dir, "aoti", batch_sizes=[1, 4], components=("text_encoder",),
                             progress=False)
-    assert [e.backend for e in manifest.components] == ["aoti", "eager", "eager", "eager"]
+    assert [e.backend for e in manifest.components] == ["aoti", "eager", "eager", "eager", "eager"]
     return Generator.from_checkpoint(ckpt), Generator.from_checkpoint(ckpt, backend="aoti", engine_dir=engine_dir)
 
 

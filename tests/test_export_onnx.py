@@ -37,7 +37,8 @@ def test_manifest_describes_the_engine(built):
     assert manifest.checkpoint == {"file": ckpt.name, "sha256": file_sha256(ckpt)}
     assert manifest.versions["onnxruntime"] and manifest.versions["torch"] == torch.__version__
     assert [e.component for e in manifest.components] == list(COMPONENTS)
-    for entry in manifest.components:
+    assert manifest.entry("image_encoder").backend == "eager"  # a text-only model has none to export
+    for entry in (e for e in manifest.components if e.component != "image_encoder"):
         assert entry.backend == "onnx" and entry.exporter == "onnx-dynamo"
         assert entry.sha256 == file_sha256(engine_dir / entry.file) and entry.bytes > 0
         assert max(entry.max_abs_error.values()) < TOLERANCES[entry.component]
@@ -95,3 +96,41 @@ def test_torchscript_exporter_fallback(built, tmp_path, monkeypatch):
         inputs = spec.inputs(points=n)
         for got, ref in zip(runner(*inputs), run_module(spec, inputs), strict=True):
             assert got.shape == ref.shape and max_error(got, ref) < TOLERANCES["field"]
+
+
+def test_image_conditioned_model_exports_its_image_encoder_and_denoiser(tmp_path):
+    """An image-conditioned checkpoint: the image encoder and the five-input denoiser export, load as the onnx
+    backend and give eager's latents for a request with a real photo."""
+    import dataclasses
+
+    from conftest import shared_path
+
+    from ln3diff_rt.checkpoint import save_checkpoint
+    from ln3diff_rt.config import ImageEncoderConfig, get_preset
+    from ln3diff_rt.images import read_image
+    from ln3diff_rt.models.build import build_dit, build_image_encoder, build_vae
+    from ln3diff_rt.options import GenerationOptions
+    from ln3diff_rt.runner import Request, run
+
+    base = get_preset("tiny")
+    cfg = base.replace(image_encoder=ImageEncoderConfig(), dit=dataclasses.replace(base.dit, image_dim=128))
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        modules = {"vae": build_vae(cfg), "dit": build_dit(cfg), "image_encoder": build_image_encoder(cfg)}
+        with torch.no_grad():
+            for p in modules["dit"].parameters():  # off AdaLN-Zero, so the image tokens change the output
+                p.add_(0.02 * torch.randn_like(p))
+    ckpt = tmp_path / "image-tiny.safetensors"
+    save_checkpoint(ckpt, cfg, modules)
+    manifest = build_engine(ckpt, tmp_path / "engine", "onnx", components=("image_encoder", "denoiser"),
+                            progress=False)
+    entries = {e.component: e for e in manifest.components}
+    assert [i.name for i in entries["denoiser"].inputs] == ["x", "t", "context", "pooled", "image"]
+    assert max(entries["image_encoder"].max_abs_error.values()) < TOLERANCES["latents"]
+    photo = read_image(shared_path("samples", "images", "fox-input.png"))
+    options = GenerationOptions(steps=2, mesh_resolution=16, preview_views=0, texture=0)
+    latents = [next(run(Generator.from_checkpoint(ckpt, backend=b, engine_dir=tmp_path / "engine"),
+                        [Request("a fox", 1, options, mesh=False, image=photo)])).latent for b in ("eager", "onnx")]
+    assert max_error(*latents) < TOLERANCES["latents"]
+    without = next(run(Generator.from_checkpoint(ckpt), [Request("a fox", 1, options, mesh=False)])).latent
+    assert max_error(latents[0], without) > 100 * TOLERANCES["latents"]  # the image did condition the sample

@@ -255,3 +255,23 @@ def converted_official(kind: str, root: Path, surfaced: bool = False) -> Path:
     save_file(state, root / "joint.safetensors")
     convert(kind, root / "joint.safetensors", root / "model.safetensors", vae_heads=2)
     return root / "model.safetensors"
+
+
+# -- gRPC tests: every module that defines a `server` fixture gets a client of it ------------------------------
+
+
+@pytest.fixture
+def client(server):
+    from serve.client import Client
+
+    with Client(f"127.0.0.1:{server.port}") as c:
+        yield c
+
+
+def code_of(fn):
+    """(status code, details) of the grpc.RpcError that `fn()` raises."""
+    import grpc
+
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value.code(), info.value.details()

@@ -14,7 +14,7 @@ from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.profile import Workload, format_table, profile
 from ln3diff_rt.runner import Request, run
-from serve.client import Client, build_request
+from serve.client import build_request
 from serve.client import main as client_main
 from serve.ln3diff.v1 import generator_pb2 as pb
 from serve.server import ServerConfig, ServerThread
@@ -34,12 +34,6 @@ def server(generator):
     st = ServerThread(lambda: generator, ServerConfig(port=0, limits=Limits(max_texture=1024))).wait_serving()
     yield st
     st.stop()
-
-
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
 
 
 def test_runner_times_and_reports_unwrap_bake_and_lods(generator):

@@ -25,6 +25,7 @@ from pathlib import Path
 import grpc
 import pytest
 import trimesh
+from conftest import code_of
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from ln3diff_rt.checkpoint import load_models
@@ -63,18 +64,6 @@ def server(generator):
                limits=Limits(max_prompt_chars=100, max_steps=LONG_STEPS))
     yield st
     st.stop()
-
-
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
-def code_of(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code(), info.value.details()
 
 
 def load_glb(data: bytes) -> trimesh.Trimesh:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from conftest import code_of
 from google.protobuf.message import DecodeError
 
 from ln3diff_rt.checkpoint import file_sha256, load_models
@@ -48,18 +49,6 @@ def server(generator):
     st = start(generator, max_wait_ms=10.0, metrics_port=0, limits=Limits(max_preview_pixels=16 * 512 * 512))
     yield st
     st.stop()
-
-
-@pytest.fixture
-def client(server):
-    with Client(f"127.0.0.1:{server.port}") as c:
-        yield c
-
-
-def code_of(fn) -> tuple[grpc.StatusCode, str]:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value.code(), info.value.details()
 
 
 def count(server: ServerThread, method: str, code: str) -> float:

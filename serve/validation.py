@@ -146,7 +146,9 @@ def _reply_parts(request: Request) -> tuple[int, int]:
     """(mesh bytes, preview bytes) of a reply, estimated from the settings; no face budget: a box-filling surface."""
     o = request.options
     faces = (o.faces or 12 * o.mesh_resolution ** 2) + sum(int_list(o.lods) or [])  # every level is a file
-    texture = 3 * o.texture ** 2  # an uncompressed bound of the PNG, embedded or beside each format's files
+    # The PNG, embedded or beside each format's files: baked atlases compress to well under a byte per texel, and the
+    # real reply is measured before sending anyway; an uncompressed bound (3 bytes) refused default requests.
+    texture = o.texture ** 2
     meshes = sum(MESH_BYTES_PER_FACE[fmt] * faces + MESH_FILE_BYTES + texture for fmt in request.formats) \
         if request.mesh else 0
     return meshes, o.preview_views * (3 * o.preview_size ** 2 + o.preview_size + 1024)

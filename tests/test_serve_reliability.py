@@ -313,3 +313,13 @@ def test_prompts_are_normalised_before_use():
     assert normalise_prompt("  a cafe\u0301\u200b chair\x00 ") == "a caf\u00e9 chair"
     assert normalise_prompt("a red\tcube\non a\u00a0table") == "a red cube on a\u00a0table"
     assert normalise_prompt("\u200b\x07\ufeff") == ""
+
+
+def test_a_default_request_fits_the_unary_reply_estimate():
+    """The estimate must not refuse what a default request makes (a textured 30K-face GLB and 8 previews): an
+    uncompressed bound on the texture once did, in the Ray tests."""
+    from ln3diff_rt.options import GenerationOptions
+    from ln3diff_rt.runner import Request
+    from serve.validation import Limits, unary_reply_bytes
+
+    assert unary_reply_bytes(Request("a red cube", 1, GenerationOptions(), ("glb",))) < Limits().max_unary_reply_bytes

@@ -142,20 +142,19 @@ def component_specs(models: Models, text: TextEncoder | None, names: tuple[str, 
 
 def _text_spec(text: TextEncoder, dtype: torch.dtype, device: str) -> ComponentSpec:
     keys = ("input_ids", "attention_mask", "token_type_ids")
-    probe = text.tokenizer(["probe"], padding="max_length", max_length=text.max_length, return_tensors="pt")
+    probe = text.tokenizer(["probe"])
     input_names = tuple(k for k in keys if k in probe)
 
     def make(s):
         prompts = [_PROMPTS[i % len(_PROMPTS)] for i in range(s["batch"])]
-        batch = text.tokenizer(prompts, padding="max_length", truncation=True, max_length=text.max_length,
-                               return_tensors="pt")
+        batch = text.tokenizer(prompts)
         return tuple(batch[k].to(device) for k in input_names)
 
     batch = {0: "batch"}
     axes = {**{k: batch for k in input_names}, "context": batch, "pooled": batch}
     return ComponentSpec("text_encoder", TextTransformer(_cast(text.model, dtype, device)).eval(), input_names,
                          ("context", "pooled"), axes, make,
-                         {"tokenizer": text.tokenizer.name_or_path, "max_length": text.max_length})
+                         {"tokenizer": text.tokenizer.name, "max_length": text.max_length})
 
 
 def _cast(module: nn.Module, dtype: torch.dtype, device: str) -> nn.Module:

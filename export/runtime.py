@@ -50,8 +50,7 @@ class EngineTextEncoder:
         self.tokenizer, self.max_length, self.input_names, self.engine = tokenizer, max_length, input_names, engine
 
     def __call__(self, prompts: list[str]) -> Condition:
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
+        batch = self.tokenizer(list(prompts))
         context, pooled = self.engine(*(batch[k] for k in self.input_names))
         return Condition(context, pooled)
 

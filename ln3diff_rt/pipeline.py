@@ -28,7 +28,7 @@ from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
 from ln3diff_rt.official.flow import sample_flow
 from ln3diff_rt.options import GenerationOptions, InvalidOption
-from ln3diff_rt.rendering import FieldFn, occupancy_grid, render_chunked
+from ln3diff_rt.rendering import FieldFn, occupancy_grid, preview_renderer, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
 
@@ -164,7 +164,7 @@ class Generator:
         tokenizer = getattr(self.components.text_encoder, "tokenizer", None)
         limit = self.config.dit.context_len
         if tokenizer is not None and prompt:
-            count = len(tokenizer(prompt)["input_ids"])
+            count = tokenizer.count(prompt)
             if count > limit:
                 warnings.append(f"{prompt[:40]!r}...: {count} tokens; the text encoder reads the first {limit}")
         return warnings
@@ -283,7 +283,8 @@ class Generator:
             c2w = orbit_camera(360.0 * i / options.preview_views - 90.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
             origins, dirs = camera_rays(c2w, intrinsics, size, size)
             out = render_chunked(self.components.field, planes, origins.reshape(1, -1, 3).to(self.device),
-                                 dirs.reshape(1, -1, 3).to(self.device), self.config.renderer, occupancy=occupancy,
+                                 dirs.reshape(1, -1, 3).to(self.device), preview_renderer(self.config.renderer),
+                                 occupancy=occupancy,
                                  on_chunk=None if on_view is None else lambda i=i: on_view(i))
             rgb = out.rgb[0].reshape(size, size, 3).clamp(0, 1)
             frames.append((rgb * 255.0 + 0.5).to(torch.uint8).cpu().numpy())

@@ -4,6 +4,7 @@
     python -m ln3diff_rt.profile --preset paper --device cuda --batch-sizes 1
     python -m ln3diff_rt.profile --compare eager,compile --json profile.json
     python -m ln3diff_rt.profile --trace trace.json       # torch.profiler trace (Perfetto / chrome://tracing)
+    python -m ln3diff_rt.profile --cold --views 0         # a fresh `ln3diff generate` process, and its breakdown
 
 Runs warm-up requests, then repeated timed requests, and reports the median and p90 of each
 stage: text encoding, every denoiser step, VAE decode, the field queries of mesh extraction,
@@ -30,7 +31,14 @@ import torch
 from ln3diff_rt.backends import BACKENDS
 from ln3diff_rt.config import PRESETS
 from ln3diff_rt.images import read_image
-from ln3diff_rt.options import GenerationOptions, InvalidOption, add_option_flags, flag_name, options_from_args
+from ln3diff_rt.options import (
+    GenerationOptions,
+    InvalidOption,
+    add_option_flags,
+    flag_name,
+    option_specs,
+    options_from_args,
+)
 from ln3diff_rt.pipeline import Components, Generator
 from ln3diff_rt.runner import BATCH_STAGES, Request, run
 from ln3diff_rt.sampling import Condition
@@ -188,7 +196,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs (default: 1)")
     p.add_argument("--json", default=None, help="write all results here")
     p.add_argument("--trace", default=None, help="write a torch.profiler trace of one request here")
+    p.add_argument("--cold", action="store_true",
+                   help="time fresh `ln3diff generate` processes on the shipped model (--repeats of them, with the "
+                        "generation flags given here; the rest keep the command's defaults) and break one down: "
+                        "imports by package, checkpoint, text encoder, each stage of the first request")
     args = p.parse_args(argv)
+    if args.cold:
+        from ln3diff_rt.cold_start import format_cold, profile_cold
+
+        changes = {name: getattr(args, name) for name in option_specs() if getattr(args, name) is not None}
+        result = profile_cold(args.repeats, changes)
+        print(format_cold(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return 0
     try:
         batches = [int(b) for b in args.batch_sizes.split(",")]
         backends = args.compare.split(",") if args.compare else [args.backend]

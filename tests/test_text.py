@@ -59,9 +59,9 @@ def test_full_clip_checkpoint_loads_text_tower_only(tiny_clip_dir, tmp_path):
     enc = TextEncoder(str(tmp_path), 77)
     assert enc.clip and not any("vision" in n for n, _ in enc.named_parameters())
     cond = enc(PROMPTS[:2])
-    ids = enc.tokenizer(PROMPTS[:2], padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    ids = enc.tokenizer(PROMPTS[:2])["input_ids"]
     with torch.no_grad():
-        out = full.text_model(input_ids=ids.input_ids)
+        out = full.text_model(input_ids=ids)
     assert torch.equal(cond.context, out.last_hidden_state) and torch.equal(cond.pooled, out.pooler_output)
 
 
@@ -169,3 +169,91 @@ def test_minilm_unchanged():
     torch.testing.assert_close(cond.pooled[0, :4], torch.tensor(expected), rtol=0, atol=1e-5)
     torch.testing.assert_close(cond.context[0, 0, :3], torch.tensor([0.11516491323709488, -0.1832653135061264,
                                                                      -0.6049115061759949]), rtol=0, atol=1e-5)
+
+
+# The bundled MiniLM runs as ln3diff_rt.models.bert.BertModel with the `tokenizers` library: no transformers.
+UNICODE_PROMPTS = [*PROMPTS, "Crème brûlée à la 東京, naïve café", "  tabs\tand\nnewlines  ", "x" * 300, "ﬁne ½ ①"]
+
+
+def test_minilm_tokenizer_matches_transformers():
+    from transformers import AutoTokenizer
+
+    enc = TextEncoder()
+    path = str(resolve_text_encoder(DEFAULT_TEXT_ENCODER))
+    reference = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    expected = reference(UNICODE_PROMPTS, padding="max_length", truncation=True, max_length=32, return_tensors="pt")
+    got = enc.tokenizer(UNICODE_PROMPTS)
+    assert set(got) == {"input_ids", "attention_mask", "token_type_ids"}
+    for key in got:
+        assert torch.equal(got[key], expected[key]), key
+    counts = [enc.tokenizer.count(p) for p in UNICODE_PROMPTS]
+    assert counts == [len(reference(p)["input_ids"]) for p in UNICODE_PROMPTS]
+    assert enc.tokenizer.count(UNICODE_PROMPTS[3]) == 62  # counted before truncation to 32
+
+
+@pytest.mark.parametrize("layers,width,heads,seq", [(2, 36, 3, 7), (1, 20, 5, 13)])
+def test_bert_matches_transformers_random_weights(layers, width, heads, seq):
+    """Odd sizes and random weights, padding in the middle of the batch: the module is BERT, not only MiniLM."""
+    from transformers import BertConfig as HFConfig
+    from transformers import BertModel as HFBert
+
+    from ln3diff_rt.models.bert import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    hf_config = HFConfig(vocab_size=97, hidden_size=width, num_hidden_layers=layers, num_attention_heads=heads,
+                         intermediate_size=3 * width + 1, max_position_embeddings=seq + 4, type_vocab_size=2)
+    reference = HFBert(hf_config).eval()
+    for p in reference.parameters():  # BERT's init leaves LayerNorm at identity and biases at 0: perturb them all
+        p.data.add_(0.1 * torch.randn_like(p))
+    model = BertModel(BertConfig.from_hf(hf_config.to_dict()))
+    unused = ("pooler.", "embeddings.position_ids")
+    state = {k: v for k, v in reference.state_dict().items() if not k.startswith(unused)}
+    model.load_state_dict(state)
+    ids = torch.randint(0, 97, (3, seq))
+    mask = torch.ones_like(ids)
+    mask[1, seq // 2:] = 0
+    types = torch.randint(0, 2, (3, seq))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
+        got = model(ids, mask, types).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bert_config_leaves_other_models_to_transformers():
+    from ln3diff_rt.models.bert import BertConfig
+
+    minilm = json.loads((resolve_text_encoder(DEFAULT_TEXT_ENCODER) / "config.json").read_text())
+    assert BertConfig.from_hf(minilm) is not None
+    for change in ({"model_type": "roberta"}, {"hidden_act": "gelu_new"},
+                   {"position_embedding_type": "relative_key"}, {"is_decoder": True}):
+        assert BertConfig.from_hf({**minilm, **change}) is None, change
+
+
+def test_bert_weights_checked_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    source = resolve_text_encoder(DEFAULT_TEXT_ENCODER)
+    for name in ("config.json", "tokenizer.json"):
+        (tmp_path / name).write_bytes((source / name).read_bytes())
+    weights = load_file(source / "model.safetensors")
+    del weights["encoder.layer.3.output.dense.bias"]
+    weights["encoder.layer.0.intermediate.dense.weight"] = weights["encoder.layer.0.intermediate.dense.weight"][:7]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"model.safetensors' do not fit its config.json: missing "
+                                         r"encoder.layer.3.output.dense.bias; mis-shaped "
+                                         r"encoder.layer.0.intermediate.dense.weight$"):
+        TextEncoder(str(tmp_path))
+
+
+def test_shipped_model_generates_without_transformers():
+    """A process that generates from the shipped model never imports transformers (~2 s of a cold start)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from ln3diff_rt.pipeline import Generator; from ln3diff_rt.runner import Request, run; "
+            "gen = Generator.from_checkpoint(); options = gen.default_options().replace(preview_views=0, texture=0, "
+            "mesh_resolution=48); (r,) = run(gen, [Request('a red cube', 0, options, ('glb',))]); "
+            "assert r.exports, 'no GLB'; "
+            "print(sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from ln3diff_rt.backends import BACKENDS, backends_help
-from ln3diff_rt.mesh_export import FORMATS
 from ln3diff_rt.options import (
+    FORMATS,
     MAX_SEED,
     SEED,
     GenerationOptions,

@@ -31,9 +31,9 @@ import trimesh
 from PIL import Image
 
 from ln3diff_rt.meshing import MeshResult
-from ln3diff_rt.usd_export import USD_FORMATS, usd_bytes
+from ln3diff_rt.options import FORMATS, USD_FORMATS
+from ln3diff_rt.usd_export import usd_bytes
 
-FORMATS = ("glb", "obj", "ply", *USD_FORMATS)
 COMPANIONS = ("mtl", "png")  # files an OBJ (mtl, png) or a USDA (png) refers to by name
 SLUG_CHARS = 60
 PIVOTS = ("bottom", "center")

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 SAMPLERS = ("euler", "heun", "dpmpp_2m")  # which of them a model knows: Generator.samplers
+USD_FORMATS = ("usdz", "usda")  # asset formats written by usd-core (the `assets` extra)
+FORMATS = ("glb", "obj", "ply", *USD_FORMATS)  # asset formats a request may ask for (mesh_export writes them)
 MAX_SEED = 2**63 - 1  # what a signed 64-bit integer holds: torch's generators and the proto's uint64 both take it
 
 

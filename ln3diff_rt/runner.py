@@ -23,14 +23,13 @@ import numpy as np
 import torch
 
 from ln3diff_rt.conventions import FIELD_CHUNK
-from ln3diff_rt.mesh_export import FORMATS, Material, Placement, asset_files, placement_for, slug
+from ln3diff_rt.mesh_export import Material, Placement, asset_files, placement_for, slug
 from ln3diff_rt.meshing import MeshResult
-from ln3diff_rt.options import GenerationOptions, InvalidOption, int_list
+from ln3diff_rt.options import FORMATS, USD_FORMATS, GenerationOptions, InvalidOption, int_list
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.prompts import normalise_prompt
 from ln3diff_rt.texturing import bake_texture, levels_of_detail, unwrap
 from ln3diff_rt.timing import StageClock
-from ln3diff_rt.usd_export import USD_FORMATS
 
 # (stage, done, total, object index or None for the whole batch): once per sampling step, at the start
 # (done 0) of every other stage and at the end (done = total) of every per-object stage.

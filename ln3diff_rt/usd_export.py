@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-USD_FORMATS = ("usdz", "usda")
+from ln3diff_rt.options import USD_FORMATS
 
 
 def _pxr():

@@ -24,7 +24,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
+from ln3diff_rt.options import FORMATS as MESH_FORMATS
 from ln3diff_rt.options import GenerationOptions, InvalidOption
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.runner import Request, run

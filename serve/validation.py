@@ -15,7 +15,7 @@ import numpy as np
 from google.protobuf.message import DecodeError, Message
 
 from ln3diff_rt.images import ImageError, read_image
-from ln3diff_rt.mesh_export import FORMATS as MESH_FORMATS
+from ln3diff_rt.options import FORMATS as MESH_FORMATS
 from ln3diff_rt.options import GenerationOptions, InvalidOption, int_list, option_specs, resolve_seed
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.prompts import normalise_prompt

@@ -389,3 +389,133 @@ def test_init_from_a_text_model_starts_at_it_and_generates_from_an_image(dataset
     with pytest.raises(Exception, match="does not fit"):
         diffusion.train(small_diffusion_config(dataset, vae_checkpoint, tmp_path / "bad", steps=0,
                                                condition_image_size=0, init_from=str(tuned)))
+
+
+def test_geometry_losses_are_zero_when_exact_positive_when_wrong_and_carry_gradients():
+    from training.geometry_losses import depth_loss, mask_loss, normal_loss
+
+    g = torch.Generator().manual_seed(0)
+    weights = torch.rand(2, 50, generator=g) * (torch.rand(2, 50, generator=g) > 0.3)
+    depth = (3.0 + torch.rand(2, 50, generator=g)).requires_grad_()
+    normals = torch.nn.functional.normalize(torch.randn(2, 50, 3, generator=g), dim=-1).requires_grad_()
+    alpha = (torch.rand(2, 50, generator=g) > 0.5).float()
+    opacity = torch.rand(2, 50, generator=g).requires_grad_()
+    assert depth_loss(depth, depth.detach(), weights).item() == 0.0
+    assert normal_loss(normals, normals.detach(), weights).item() == pytest.approx(0.0, abs=1e-6)
+    assert mask_loss(alpha, alpha).item() == 0.0
+    wrong_normals = torch.nn.functional.normalize(torch.randn(2, 50, 3, generator=g), dim=-1)
+    for loss, value in ((depth_loss(depth, depth.detach() + 0.1, weights), depth),
+                        (normal_loss(normals, wrong_normals, weights), normals), (mask_loss(opacity, alpha), opacity)):
+        assert loss.item() > 0.0
+        grad, = torch.autograd.grad(loss, value)
+        assert grad.abs().sum() > 0 and torch.isfinite(grad).all()
+    # A ray of weight 0 neither counts nor receives gradient; all weights 0 is a loss of 0, not NaN.
+    grad, = torch.autograd.grad(depth_loss(depth, depth.detach() + 0.1, weights), depth)
+    assert torch.equal(grad[weights == 0], torch.zeros_like(grad[weights == 0]))
+    assert depth_loss(depth, depth.detach() + 1.0, torch.zeros_like(weights)).item() == 0.0
+
+
+def test_field_normals_are_the_outward_normals_and_train_the_field():
+    from ln3diff_rt.config import RendererConfig
+    from ln3diff_rt.models.field import TriplaneField
+    from training.geometry_losses import field_normals, normal_loss
+
+    def ball(planes, points):  # density rises inward through the sphere of radius 0.5
+        return torch.nn.functional.softplus(20.0 * (0.5 - points.norm(dim=-1))), None
+
+    g = torch.Generator().manual_seed(1)
+    outward = torch.nn.functional.normalize(torch.randn(1, 40, 3, generator=g), dim=-1)
+    normals = field_normals(ball, None, 0.5 * outward, step=1.0 / 32)
+    torch.testing.assert_close(normals, outward, atol=5e-3, rtol=0)  # central differences: error ~ (step / 0.5)^2
+    # On a tri-plane field the loss reaches the planes and the MLP.
+    field = TriplaneField(8, RendererConfig(hidden=16))
+    planes = torch.randn(1, 3, 8, 16, 16, generator=g).requires_grad_()
+    loss = normal_loss(field_normals(field, planes, 0.5 * outward, 1.0 / 16), outward, torch.ones(1, 40))
+    loss.backward()
+    assert loss.item() > 0.0 and planes.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in field.parameters())
+
+
+@pytest.fixture(scope="module")
+def mixed_dataset(dataset, tmp_path_factory):
+    """The dataset with the depth + normal files of one training object dropped (its albedo kept)."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("mixed") / "synth"
+    shutil.copytree(dataset, root)
+    transforms = sorted((root / "train").glob("*/transforms.json"))[1]
+    data = json.loads(transforms.read_text())
+    for frame in data["frames"]:
+        del frame["normal_depth_path"]
+    transforms.write_text(json.dumps(data))
+    return root
+
+
+def test_target_rays_carry_depth_and_normals_of_the_same_pixels_per_object(mixed_dataset):
+    from training.data.dataset import MultiViewDataset
+
+    ds = MultiViewDataset(mixed_dataset, "train", 2, 3, 32, "raise", channels=("depth", "normal"),
+                          partial_channels=True)
+    assert ds.channels == ("depth", "normal")
+    with pytest.raises(Exception, match="no depth, normal files"):  # without partial_channels: not accepted
+        MultiViewDataset(mixed_dataset, "train", 2, 3, 32, "raise", channels=("depth", "normal"))
+    batch = vae_training.collate(ds, [0, 1, 2], epoch=0)
+    assert batch["has_depth"].tolist() == batch["has_normal"].tolist() == [True, False, True]
+    assert batch["target_depths"][1].abs().sum() == 0 and batch["target_normals"][1].abs().sum() == 0
+    rays = vae_training.sample_target_rays(batch, 400, torch.Generator().manual_seed(0), 0.5)
+    assert rays["depth"].shape == (3, 400) and rays["normal"].shape == (3, 400, 3)
+    assert rays["has_depth"][:, 0].tolist() == [1.0, 0.0, 1.0]
+    # Same pixels as the colour: a hit pixel's depth puts its point on the surface the normal belongs to, so
+    # target depth and normal agree with the rays (the normal faces the camera, points lie in the scene box).
+    hit = (rays["mask"] > 0.99) & (rays["has_depth"] > 0)
+    points = rays["origins"] + rays["dirs"] * rays["depth"][..., None]
+    assert hit.sum() > 100
+    assert (points[hit].abs() <= 0.95).all()
+    assert ((rays["normal"] * rays["dirs"]).sum(-1)[hit] < 0).float().mean() > 0.99
+    # The same indices as the colour: channels made from the colour come back as that colour's pixels.
+    batch.update(target_depths=7.0 * batch["target_images"][:, :, :1], target_normals=batch["target_images"])
+    rays = vae_training.sample_target_rays(batch, 400, torch.Generator().manual_seed(0), 0.5)
+    assert torch.equal(rays["depth"], 7.0 * rays["rgb"][..., 0]) and torch.equal(rays["normal"], rays["rgb"])
+
+
+def test_vae_trains_on_mixed_geometry_logs_each_loss_and_resumes_exactly(mixed_dataset, tmp_path, monkeypatch):
+    cfg = dict(steps=4, rays_per_object=96, batch_size=3)
+    straight = vae_training.train(small_vae_config(mixed_dataset, tmp_path / "straight", **cfg))
+    real_collate = vae_training.collate
+
+    def interrupt_at_step_2(ds, idx, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_collate(ds, idx, epoch)
+
+    monkeypatch.setattr(vae_training, "collate", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        vae_training.train(small_vae_config(mixed_dataset, tmp_path / "resumed", **cfg))
+    monkeypatch.setattr(vae_training, "collate", real_collate)
+    resumed = vae_training.train(small_vae_config(mixed_dataset, tmp_path / "resumed", resume=True, **cfg))
+
+    start = records(tmp_path / "straight" / "log.jsonl", "start")[0]
+    assert start["geometry_channels"] == ["depth", "normal"]
+    train_objects = start["train_objects"]
+    assert start["objects_with"] == {"depth": train_objects - 1, "normal": train_objects - 1}
+    log_a = records(tmp_path / "straight" / "log.jsonl", "train")
+    log_b = records(tmp_path / "resumed" / "log.jsonl", "train")
+    assert all(r["mask"] > 0 and r["depth"] > 0 and r["normal"] > 0 for r in log_a)
+    parts = ("l1", "mask", "kl", "depth", "normal")
+    c = vae_training.VAETrainConfig(data="")  # the default weights
+    for r in log_a:  # the logged total is the weighted sum of the logged parts
+        total = r["l1"] + c.mask_weight * r["mask"] + c.kl_weight * r["kl"] + c.depth_weight * r["depth"] + \
+            c.normal_weight * r["normal"]
+        assert r["loss"] == pytest.approx(total, abs=1e-4)
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4]
+    assert [[r[k] for k in (*parts, "loss")] for r in log_a] == [[r[k] for k in (*parts, "loss")] for r in log_b]
+    a, b = load_models(straight).vae.state_dict(), load_models(resumed).vae.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    # Weights 0 turn the terms off: no channel is read and none is logged, the rest of the step is unchanged.
+    vae_training.train(small_vae_config(mixed_dataset, tmp_path / "colour", depth_weight=0.0, normal_weight=0.0,
+                                        **{**cfg, "steps": 1}))
+    assert records(tmp_path / "colour" / "log.jsonl", "start")[0]["geometry_channels"] == []
+    first = records(tmp_path / "colour" / "log.jsonl", "train")[0]
+    assert "depth" not in first and "normal" not in first
+    assert [first[k] for k in ("l1", "mask", "kl")] == [log_a[0][k] for k in ("l1", "mask", "kl")]

@@ -5,8 +5,10 @@
 
 Each step encodes V input views of a batch of objects, decodes tri-planes and renders a random
 subset of rays of other (novel) views; the loss is L1 on colour + L1 on opacity against the
-alpha mask + KL. Writes `train_state.safetensors` (resume), `vae.safetensors` (the model) and
-`log.jsonl` under --out.
+alpha mask + KL, and where the data has depth and normals (`training.data.channels`; per object, so
+a dataset may mix objects with and without them) L1 on depth and 1 - cos on the field's normals
+(`training.geometry_losses`), so geometry is learned directly, not only through colour. Writes
+`train_state.safetensors` (resume), `vae.safetensors` (the model) and `log.jsonl` under --out.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from ln3diff_rt.rendering import render_chunked, render_rays
 from training.common import Dist, distributed_teardown, setup_distributed
 from training.data.dataset import MultiViewDataset
 from training.flags import flag, parse_config
+from training.geometry_losses import depth_loss, field_normals, mask_loss, normal_loss
 from training.loop import Stage, run
 
 
@@ -50,6 +53,8 @@ class VAETrainConfig:
     # per-element mean KL; 1e-3 collapsed the posterior (sigma ~0.8, colour lost)
     kl_weight: float = flag(1e-5, "weight of the per-element KL term")
     mask_weight: float = flag(0.5, "weight of the opacity-vs-alpha L1")
+    depth_weight: float = flag(0.5, "weight of the depth L1 (project units) where the data has depth; 0 = off")
+    normal_weight: float = flag(0.1, "weight of the normal loss (1 - cos) where the data has normals; 0 = off")
     eval_every: int = flag(250, "steps between held-out PSNR evals")
     eval_objects: int = flag(16, "held-out objects per eval")
     save_every: float = flag(120.0, "seconds between state saves")
@@ -60,22 +65,39 @@ class VAETrainConfig:
 
 
 class VAEObjective(nn.Module):
-    """The training loss as a module, so DDP can wrap one forward call."""
+    """The training loss as a module, so DDP can wrap one forward call.
 
-    def __init__(self, vae: TriplaneVAE, kl_weight: float, mask_weight: float):
+    `rays` is what `sample_target_rays` returns; the depth and normal terms run when their weight is not 0
+    and the rays carry the channel, each ray weighted by whether its object has it.
+    """
+
+    def __init__(self, vae: TriplaneVAE, kl_weight: float, mask_weight: float, depth_weight: float = 0.0,
+                 normal_weight: float = 0.0):
         super().__init__()
         self.vae, self.kl_weight, self.mask_weight = vae, kl_weight, mask_weight
+        self.depth_weight, self.normal_weight = depth_weight, normal_weight
+        # Differences half a tri-plane texel either side: they span the two bilinear cells around the point.
+        self.normal_step = 1.0 / vae.cfg.triplane_resolution
 
-    def forward(self, images, c2w, intrinsics, origins, dirs, target_rgb, target_mask, generator):
+    def forward(self, images, c2w, intrinsics, rays: dict[str, torch.Tensor], generator):
         mean, logvar = self.vae.encode(images, c2w, intrinsics)
         planes = self.vae.decode(self.vae.sample_posterior(mean, logvar, generator))
-        out = render_rays(self.vae.field, planes, origins, dirs, self.vae.cfg.renderer, perturb=True,
-                          generator=generator)
-        l1 = (out.rgb - target_rgb).abs().mean()
-        mask = (out.opacity - target_mask).abs().mean()
+        out = render_rays(self.vae.field, planes, rays["origins"], rays["dirs"], self.vae.cfg.renderer,
+                          perturb=True, generator=generator)
+        l1 = (out.rgb - rays["rgb"]).abs().mean()
         kl = self.vae.kl(mean, logvar)
-        total = l1 + self.mask_weight * mask + self.kl_weight * kl
-        return total, {"l1": l1.detach(), "mask": mask.detach(), "kl": kl.detach()}
+        parts = {"l1": l1, "mask": mask_loss(out.opacity, rays["mask"]), "kl": kl}
+        total = l1 + self.mask_weight * parts["mask"] + self.kl_weight * kl
+        surface = rays["mask"] * out.opacity.detach()  # where the object is and the model renders a surface
+        if self.depth_weight and "depth" in rays:
+            parts["depth"] = depth_loss(out.depth, rays["depth"], surface * rays["has_depth"])
+            total = total + self.depth_weight * parts["depth"]
+        if self.normal_weight and "normal" in rays:
+            points = rays["origins"] + rays["dirs"] * out.depth.detach()[..., None]  # the expected surface point
+            normals = field_normals(self.vae.field, planes, points, self.normal_step)
+            parts["normal"] = normal_loss(normals, rays["normal"], surface * rays["has_normal"])
+            total = total + self.normal_weight * parts["normal"]
+        return total, {k: v.detach() for k, v in parts.items()}
 
 
 def collate(dataset: MultiViewDataset, indices: list[int], epoch: int) -> dict:
@@ -84,8 +106,11 @@ def collate(dataset: MultiViewDataset, indices: list[int], epoch: int) -> dict:
     return {k: torch.stack([it[k] for it in items]) for k in items[0] if torch.is_tensor(items[0][k])}
 
 
-def sample_target_rays(batch: dict, count: int, generator: torch.Generator, foreground_fraction: float = 0.0):
-    """Random rays of the target views: origins, dirs, rgb [B, count, 3], mask [B, count].
+def sample_target_rays(batch: dict, count: int, generator: torch.Generator, foreground_fraction: float = 0.0
+                       ) -> dict[str, torch.Tensor]:
+    """Random rays of the target views: "origins", "dirs", "rgb" [B, count, 3], "mask" [B, count], and where
+    the batch has them "depth" [B, count] and "normal" [B, count, 3] with "has_depth", "has_normal" [B, count]
+    (1 where the ray's object has the channel, as float weights).
 
     A `foreground_fraction` of the rays is drawn from pixels inside the object's mask: small objects
     cover a few percent of a view, and uniform rays spend nearly all the colour signal on background.
@@ -97,9 +122,14 @@ def sample_target_rays(batch: dict, count: int, generator: torch.Generator, fore
     on_object = torch.multinomial(inside, int(count * foreground_fraction), replacement=True, generator=generator)
     pick = torch.cat([uniform, on_object], dim=1)
     gather = lambda x: x.reshape(b, v * h * w, -1).gather(1, pick[..., None].expand(-1, -1, x.shape[-1]))  # noqa: E731
-    rgb = gather(batch["target_images"].permute(0, 1, 3, 4, 2))
-    mask = gather(batch["target_masks"].permute(0, 1, 3, 4, 2))[..., 0]
-    return gather(origins), gather(dirs), rgb, mask
+    pixels = lambda name: gather(batch[name].permute(0, 1, 3, 4, 2))  # noqa: E731  [B, V, C, H, W] -> [B, count, C]
+    rays = {"origins": gather(origins), "dirs": gather(dirs), "rgb": pixels("target_images"),
+            "mask": pixels("target_masks")[..., 0]}
+    for name in ("depth", "normal"):
+        if f"target_{name}s" in batch:
+            rays[name] = pixels(f"target_{name}s").squeeze(-1) if name == "depth" else pixels(f"target_{name}s")
+            rays[f"has_{name}"] = batch[f"has_{name}"].float()[:, None].expand(b, count)
+    return rays
 
 
 def reconstruct_planes(vae: TriplaneVAE, item: dict, device: str = "cpu") -> torch.Tensor:
@@ -138,8 +168,9 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views))
     on_error = "raise" if cfg.fail_on_bad_object else "skip"
     size = model_cfg.encoder.image_size
+    geometry = [name for name, weight in (("depth", cfg.depth_weight), ("normal", cfg.normal_weight)) if weight]
     train_set = MultiViewDataset(cfg.data, "train", input_views, cfg.target_views, size, on_error, cfg.seed,
-                                 cache=True)
+                                 cache=True, channels=geometry, partial_channels=True)
     val_set = MultiViewDataset(cfg.data, "val", input_views, 1, size, on_error, cfg.seed + 1, cache=True)
     if len(train_set) == 0:
         raise SystemExit(f"error: no usable training objects under {cfg.data}/train")
@@ -151,8 +182,8 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     def batch(indices: list[int], step: int, generator: torch.Generator) -> tuple:
         views = collate(train_set, indices, epoch=step)
         rays = sample_target_rays(views, cfg.rays_per_object, generator, cfg.foreground_fraction)
-        inputs = [views[k] for k in ("input_images", "input_c2w", "input_intrinsics")]
-        return tuple(x.to(device) for x in (*inputs, *rays))
+        inputs = [views[k].to(device) for k in ("input_images", "input_c2w", "input_intrinsics")]
+        return (*inputs, {k: v.to(device) for k, v in rays.items()})
 
     def evaluate() -> tuple[dict, str]:
         psnr = evaluate_psnr(vae, val_set, cfg.eval_objects, device)
@@ -163,11 +194,13 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         return {"skipped": [f"{p}: {why}" for p, why in train_set.skipped]}
 
     stage = Stage(name="vae", config=model_cfg, model=vae, state=vae,
-                  objective=VAEObjective(vae, cfg.kl_weight, cfg.mask_weight),
+                  objective=VAEObjective(vae, cfg.kl_weight, cfg.mask_weight, cfg.depth_weight, cfg.normal_weight),
                   optimizer=torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0),
                   num_items=len(train_set), batch=batch, finish=finish, evaluate=evaluate if len(val_set) else None,
                   info={"train_objects": len(train_set), "val_objects": len(val_set),
-                        "skipped": len(train_set.skipped)})
+                        "skipped": len(train_set.skipped), "geometry_channels": list(train_set.channels),
+                        "objects_with": {name: sum(name in r.channels for r in train_set.records)
+                                         for name in train_set.channels}})
     run(cfg, stage, dist_env)
     if dist_env.main and train_set.skipped:
         print(f"skipped {len(train_set.skipped)} bad objects (see {Path(cfg.out) / 'log.jsonl'})", file=sys.stderr)

@@ -240,11 +240,17 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     An item holds input_images [Vi, 3, H, W] (RGB over white), input_c2w [Vi, 4, 4], input_intrinsics
     [Vi, 4], the same for the targets plus target_masks [Vt, 1, H, W] (alpha), caption and index; and,
-    for each of `channels` (of "albedo", "depth", "normal"; "available": those every object has), target
+    for each of `channels` (of "albedo", "depth", "normal"; "available": those every object has, or with
+    `partial_channels` those some object has), target
     views' target_albedos [Vt, 3, H, W] (unlit colour over white), target_depths [Vt, 1, H, W] (distance
     along each pixel's ray given a hit, project units, as `RenderOutput.depth`; 0 where target_masks is 0)
-    and target_normals [Vt, 3, H, W] (unit world normals, 0 where target_masks is 0). Resizing averages
+    and target_normals [Vt, 3, H, W] (unit world normals, 0 where target_masks is 0), with has_albedo,
+    has_depth, has_normal (bool scalars) saying whether the object has the channel. Resizing averages
     depth and normals weighted by alpha, so an edge pixel holds the surface's values, not the background's.
+
+    An object that lacks a requested channel is a validation failure, unless `partial_channels`: then it is
+    kept, its items hold the empty value (white albedo, zero depth and normals) and has_<channel> False, and
+    `self.channels` is the requested channels at least one object has (a loss on them masks per item).
 
     on_error="skip" drops objects that fail the validation pass at construction (a missing requested
     channel included) and objects whose files fail to decode later (an item then falls back to the next
@@ -256,7 +262,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
     def __init__(self, root: str | Path, split: str = "train", num_input_views: int = 4,
                  num_target_views: int = 4, image_size: int | tuple[int, int] | None = None,
                  on_error: Literal["skip", "raise"] = "skip", seed: int = 0, cache: bool = False,
-                 channels: Sequence[str] | Literal["available"] = ()) -> None:
+                 channels: Sequence[str] | Literal["available"] = (), partial_channels: bool = False) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
         if num_input_views < 1 or num_target_views < 1:
@@ -275,7 +281,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         for folder in sorted(p for p in split_dir.iterdir() if p.is_dir()):
             try:
                 record = read_object(folder)
-                missing = [] if channels == "available" else sorted(set(channels) - record.channels)
+                missing = [] if channels == "available" or partial_channels else sorted(set(channels) - record.channels)
                 if missing:
                     raise DatasetError(f"{record.transforms_path}: no {', '.join(missing)} files "
                                        f"(the dataset was asked for {', '.join(channels)})")
@@ -287,7 +293,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
         if not self.records:
             reason = f"; first problem: {self.skipped[0][1]}" if self.skipped else ""
             raise DatasetError(f"{split_dir}: no valid objects ({len(self.skipped)} skipped){reason}")
-        have = frozenset.intersection(*(r.channels for r in self.records))
+        combine = frozenset.union if partial_channels else frozenset.intersection
+        have = combine(*(r.channels for r in self.records))
         self.channels = tuple(c for c in CHANNELS if c in (have if channels == "available" else channels))
         self._failed: set[int] = set()
         # Decoded views keyed by (object, frame): RGBa uint8 to stay small (CPU training re-reads them every
@@ -330,7 +337,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
         view = {"rgba": np.asarray(image)}
         if self.channels:
             alpha = straight[..., 3].astype(np.float32) / 255.0
-            full = load_channels(self.records[j], frame, alpha, self.channels)
+            full = load_channels(self.records[j], frame, alpha, [c for c in self.channels
+                                                                 if c in self.records[j].channels])
             view.update(_weighted_channels(alpha, full, self.image_size if resize else None))
         if self._cache is not None:
             self._cache[j, frame] = view
@@ -346,7 +354,11 @@ class MultiViewDataset(torch.utils.data.Dataset):
         alpha = rgba[:, 3:]
         out = {"images": np.clip(rgba[:, :3] + (1.0 - alpha), 0.0, 1.0), "masks": alpha}
         for name in self.channels if channels else ():
-            out[name + "s"] = np.stack([v[name] for v in views]).transpose(0, 3, 1, 2)
+            if name in record.channels:
+                out[name + "s"] = np.stack([v[name] for v in views]).transpose(0, 3, 1, 2)
+            else:  # partial_channels: the empty value, and has_<name> False in the item
+                out[name + "s"] = np.full((len(frames), 3 if name != "depth" else 1, *alpha.shape[2:]),
+                                          1.0 if name == "albedo" else 0.0, np.float32)
         intrinsics = record.intrinsics[frames]
         if self.image_size is not None:
             h, w = self.image_size
@@ -363,7 +375,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
         source = self._views(j, inputs)
         target = self._views(j, targets, channels=True)
         return {"input_images": source["images"], "input_c2w": source["c2w"], "input_intrinsics": source["intrinsics"],
-                **{f"target_{k}": v for k, v in target.items()}, "caption": record.caption or "", "index": j}
+                **{f"target_{k}": v for k, v in target.items()}, "caption": record.caption or "", "index": j,
+                **{f"has_{name}": torch.tensor(name in record.channels) for name in self.channels}}
 
 
 def _weighted_channels(alpha: np.ndarray, full: dict[str, np.ndarray], size: tuple[int, int] | None

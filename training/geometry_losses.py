@@ -1,0 +1,51 @@
+"""The VAE's geometry losses: rendered opacity, depth and surface normals against the data's channels.
+
+Each is a masked mean over rays with a per-ray weight, so a ray without the channel (its object has no
+depth files, or it misses the object) contributes nothing, and a batch without any gives 0. Depth and
+normals are compared where the object is (target alpha) and where the model renders a surface (its
+opacity, detached): `RenderOutput.depth` is the expected distance given a hit, composited depth divided
+by opacity, so its gradient grows as 1 / opacity on a ray the model leaves empty; weighting by the
+detached opacity cancels that, and the mask loss is what fills such a ray.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ln3diff_rt.rendering import FieldFn
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(w * v) / sum(w) over rays [B, N]; 0 (and no gradient) where every weight is 0."""
+    return (weights * values).sum() / weights.sum().clamp(min=1e-6)
+
+
+def mask_loss(opacity: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """L1 between rendered opacity and the target alpha [B, N], over every ray (the mask is always known)."""
+    return (opacity - alpha).abs().mean()
+
+
+def depth_loss(depth: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """|rendered - target| distance along the ray [B, N] (both `RenderOutput.depth`'s convention), weighted."""
+    return masked_mean((depth - target).abs(), weights)
+
+
+def field_normals(field: FieldFn, planes: torch.Tensor, points: torch.Tensor, step: float) -> torch.Tensor:
+    """Unit outward normals [B, N, 3] of the field at points [B, N, 3]: the negative density gradient by
+    central differences `step` apart, normalised (0 where the field is flat).
+
+    Differences rather than autograd w.r.t. the points: that needs a double backward through the tri-plane
+    sampler, which the Triton kernel does not have, and 6 field queries per point cost the same everywhere.
+    """
+    b, n, _ = points.shape
+    offsets = step * torch.cat([torch.eye(3), -torch.eye(3)]).to(points)  # [6, 3]: +x, +y, +z, -x, -y, -z
+    probes = (points[:, :, None] + offsets).clamp(-1.0, 1.0)  # [B, N, 6, 3]
+    density = field(planes, probes.reshape(b, n * 6, 3))[0].reshape(b, n, 2, 3)
+    gradient = (density[:, :, 0] - density[:, :, 1]) / (2.0 * step)
+    return F.normalize(-gradient, dim=-1, eps=1e-12)
+
+
+def normal_loss(normals: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """1 - cos between predicted and target unit normals [B, N, 3], weighted per ray [B, N]."""
+    return masked_mean(1.0 - (normals * target).sum(-1), weights)

@@ -74,6 +74,9 @@ def test_dry_run_runs_and_reports_every_step(tmp_path):
     for name in STEPS:
         assert f"## {name}: ok" in md
     assert "| batch | end to end ms (median) |" in md and "| case | requests |" in md
+    backends = md.split("## Pipeline backends")[1].split("\n## ")[0]
+    assert backends.count("| eager |") == 2 and backends.count("1.00x") == 2  # eager against itself
+    assert backends.count("| compile |") == 2 and backends.count("| aoti |") == 2
     assert len(suite["targets"]) == 5
     assert all(t["status"] == "not measured" for t in suite["targets"])  # a CPU dry run measures no target
     assert md.count("| not measured |") == 5

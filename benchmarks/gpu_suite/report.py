@@ -29,9 +29,12 @@ def _kernel_targets(records: list[dict]) -> list[dict]:
     for kernel, label in names.items():
         name = f"{label} >= {MEMORY_BOUND_SPEEDUP:g}x reference and >= {BANDWIDTH_FRACTION:.0%} of measured bandwidth"
         timed = [r for r in rows if r["kernel"] == kernel and r["triton_ms"] and r["ref_ms"]]
-        if not timed or not copy:
+        if not timed:
             why = "no Triton timing (no CUDA)" if rows else f"kernel_bench {(bench or {}).get('status', 'not run')}"
-            out.append(_target(name, "not measured", why if copy else "no measured copy bandwidth"))
+            out.append(_target(name, "not measured", why))
+            continue
+        if not copy:
+            out.append(_target(name, "not measured", "no measured copy bandwidth (device step)"))
             continue
         parts, met = [], True
         for r in timed:
@@ -42,7 +45,8 @@ def _kernel_targets(records: list[dict]) -> list[dict]:
     name = f"flash attention within {ATTENTION_SLACK - 1:.0%} of torch SDPA"
     timed = [r for r in rows if r["kernel"] == "attention" and r["triton_ms"] and r["sdpa_ms"]]
     if not timed:
-        out.append(_target(name, "not measured", "no Triton timing (no CUDA)" if rows else "no kernel_bench rows"))
+        why = "no Triton timing (no CUDA)" if rows else f"kernel_bench {(bench or {}).get('status', 'not run')}"
+        out.append(_target(name, "not measured", why))
     else:
         worst = max(timed, key=lambda r: r["triton_ms"] / r["sdpa_ms"])
         met = all(r["triton_ms"] <= ATTENTION_SLACK * r["sdpa_ms"] for r in timed)
@@ -146,7 +150,7 @@ def _pipeline(results: dict) -> str:
     model, work = results.get("model", {}), results.get("workload", {})
     if model:
         parts.append(f"preset {model['preset']}, parameters {model['parameters']}, models built in "
-                     f"{model['build_s']:.1f} s; text encoder: {model['text_encoder']}")
+                     f"{model['build_s']:.1f} s; text encoder: {model['text_encoder']}; surface: {model['surface']}")
     if work:
         parts.append("workload: " + ", ".join(f"{k} {v}" for k, v in work.items()))
     if "aoti_build" in results:
@@ -154,6 +158,8 @@ def _pipeline(results: dict) -> str:
         parts.append(f"AOTInductor ({build['precision']}) built in {build['seconds']:.1f} s: " + "; ".join(
             f"{c} {b['seconds']:.1f} s, {b['mib']:.1f} MiB, max |err| vs eager {max(b['max_abs_error'].values()):.2e}"
             for c, b in build["components"].items()))
+    if "compile_stance" in results:
+        parts.append(f"compiler stance: {results['compile_stance']}")
     if "first_request_s" in results:
         parts.append(f"first request (batch 1, compiles where the backend does): {results['first_request_s']:.2f} s")
     batches = {k: v for k, v in results.items() if k.startswith("batch_")}
@@ -182,6 +188,18 @@ def _serve(results: dict) -> str:
         ["case", "requests", "requests/s", "p50 ms", "p95 ms", "mean batch"], rows)
 
 
+def backends_table(records: list[dict]) -> str:
+    """End-to-end medians per backend and batch, with the speed-up over eager at the same batch."""
+    runs = [(name.removeprefix("pipeline_"), v) for name in PIPELINE_STEPS
+            for k, v in ((_step(records, name) or {}).get("results") or {}).items()
+            if k.startswith("batch_") and "skipped" not in v]
+    eager = {v["batch_size"]: v["end_to_end"]["median"] for backend, v in runs if backend == "eager"}
+    rows = [[backend, v["batch_size"], v["end_to_end"]["median"] * 1e3, v["assets_per_s"],
+             f"{eager[v['batch_size']] / v['end_to_end']['median']:.2f}x" if v["batch_size"] in eager else None]
+            for backend, v in sorted(runs, key=lambda r: r[1]["batch_size"])]  # stable: backends in suite order
+    return table(["backend", "batch", "end to end ms", "assets/s", "vs eager"], rows) if rows else ""
+
+
 def markdown(suite: dict) -> str:
     """The whole report: a header, the steps' statuses, the targets, then one section per step."""
     env, records = suite["environment"], suite["steps"]
@@ -193,6 +211,9 @@ def markdown(suite: dict) -> str:
                    [[r["step"], r["status"], r["seconds"], r["limit_s"], r["reason"]] for r in records]), "",
              "## Targets", "", table(["target", "status", "measured"],
                                      [[t["target"], t["status"], t["measured"]] for t in suite["targets"]])]
+    backends = backends_table(records)
+    if backends:
+        lines += ["", "## Pipeline backends", "", backends]
     render = {"device": _device, "kernel_tests": _kernel_tests, "kernel_bench": lambda r: _kernel_bench(r, copy),
               "serve": _serve, **{name: _pipeline for name in PIPELINE_STEPS}}
     for r in records:

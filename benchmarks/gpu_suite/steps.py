@@ -114,8 +114,6 @@ def device_step(sizes: Sizes, rec: Record, workdir: Path, deadline: float) -> No
             "triton": importlib.metadata.version("triton") if triton else None, "cpu_count": os.cpu_count(),
             "device": "cpu", "cuda_available": torch.cuda.is_available()}
     if sizes.device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device: run with --dry-run on a machine without a GPU")
         props = torch.cuda.get_device_properties(0)
         info.update(device=props.name, sm_count=props.multi_processor_count,
                     memory_gib=round(props.total_memory / 2 ** 30, 1), capability=f"{props.major}.{props.minor}")
@@ -142,7 +140,7 @@ def mesh_support() -> tuple[bool, bool, str]:
 
 def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
     """A Generator of random weights at the suite's preset with the stand-in text encoder, on `backend`."""
-    from benchmarks.gpu_suite.stand_in import DESCRIPTION, StandInTextEncoder
+    from benchmarks.gpu_suite.stand_in import DESCRIPTION, SURFACE_DESCRIPTION, StandInTextEncoder, ball_surface
     from ln3diff_rt.pipeline import Components, Generator, compiled_components
     from ln3diff_rt.random_weights import random_models
 
@@ -153,7 +151,7 @@ def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
     components = Components(text, models.dit, models.vae.decode, models.vae.field)
     parameters = {name: sum(p.numel() for p in getattr(models, name).parameters()) for name in ("dit", "vae")}
     rec.put("model", {"preset": sizes.preset, "parameters": parameters, "text_encoder": DESCRIPTION,
-                      "build_s": time.perf_counter() - start})
+                      "surface": SURFACE_DESCRIPTION, "build_s": time.perf_counter() - start})
     if backend == "compile":
         if sizes.compile_stance:
             torch.compiler.set_stance(sizes.compile_stance)
@@ -161,6 +159,7 @@ def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
         components = compiled_components(components)
     elif backend == "aoti":
         components = _aoti_components(models, components, sizes, rec, workdir)
+    components.field = ball_surface(components.field, cfg.renderer.mesh_threshold)
     return Generator(models, sizes.device, components, backend)
 
 
@@ -252,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     rec = Record(args.workdir / "record.json")
     sizes = DRY_RUN if args.dry_run else GPU
     rec.put("sizes", dataclasses.asdict(sizes))
+    if sizes.device == "cuda" and not torch.cuda.is_available():
+        rec.finish("failed", "no CUDA device: run on a GPU machine, or with --dry-run")
+        return 1
     try:
         STEPS[args.step](sizes, rec, args.workdir, args.deadline)
     except Exception as e:  # the record says what broke; the traceback goes to the step's log

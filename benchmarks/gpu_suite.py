@@ -9,7 +9,8 @@ Steps, in this order, each in a process of its own with its own time limit:
     kernel_bench      python -m kernels.bench --preset paper: reference / SDPA / Triton, GB/s and TFLOP/s
     pipeline_eager    paper scale, random weights, prompt to GLB at batch 1 and 8 (64 if the time left allows):
     pipeline_compile    per-stage latency, peak memory, assets per second; `compile` is torch.compile, `aoti`
-    pipeline_aoti       AOTInductor bf16 packages built on the device by export/build_engine.py
+    pipeline_aoti       AOTInductor bf16 packages of the denoiser and decoder, built on the device by
+                        export/build_engine.py; the mesher sees a ball (random weights' field is box-filling noise)
     serve             the gRPC server on loopback: one client's latency, 16 concurrent clients' throughput
 
 It writes DIR/results.json (every step's record {step, status: ok | failed | skipped | timeout, seconds,
@@ -18,7 +19,8 @@ targets, each met, missed or not measured) and DIR/suite.log (each step's output
 
 Budget: a step gets the time left times its share over the shares of the steps still to run, so time a quick
 step leaves goes to the later ones and a slow step is stopped (status timeout, keeping what it measured) before
-it eats the rest. A step whose packages are missing is skipped, naming them.
+it eats the rest. A step whose packages are missing is skipped, naming them. A step that ran out of time can be
+run again alone with a budget of its own, into another folder: --steps pipeline_aoti --budget-s 300 --out DIR2.
 
 On a bare GPU machine with its own torch and triton (nothing from this repo installed). The text encoder's
 package (83 MB) does not travel: a stand-in of MiniLM's shape and cost replaces it (benchmarks/gpu_suite/

@@ -1,30 +1,45 @@
-"""Dense vs coarse-to-fine mesh extraction on a field that costs what a tri-plane query costs.
+"""Dense vs coarse-to-fine mesh extraction: total time, field evaluations and how far the surfaces are apart.
 
-The field samples random tri-planes [1, 3, 32, 64, 64] through `kernels.dispatch.triplane_sample`
-and a 32 -> 64 -> 4 MLP (density `softplus(sigma - 1)`, sigmoid RGB), plus an analytic sphere of
-radius 0.5 so that the threshold-10 surface exists (a bumpy sphere).
+Two fields: the tri-plane of an object the shipped model (or --ckpt) generates for a fixed prompt and
+seed, queried as the request path queries it (threshold, chunk), and a random tri-plane
+[1, 3, 32, 64, 64] with a 32 -> 64 -> 4 MLP plus a sphere of radius 0.5 (a bumpy sphere). Dense and
+coarse-to-fine runs alternate in one process (`--repeats` each; the median is reported) so both see
+the same load. Times are `extract_mesh` totals with vertex colours and no face budget (decimation
+costs both the same). Coarse-to-fine also runs at `--resolutions` beyond the dense ones, and the last
+column gives each resolution's time over the first's.
 
-    python benchmarks/bench_meshing.py [--resolutions 128 256] [--json [PATH]]
+    OMP_NUM_THREADS=1 python benchmarks/bench_meshing.py [--ckpt PATH] [--dense 256] [--resolutions 256 384]
+        [--repeats 3] [--json [PATH]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from scipy.spatial import cKDTree
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernels.dispatch import triplane_sample
-from ln3diff_rt.meshing import extract_mesh
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from scipy.spatial import cKDTree  # noqa: E402
+
+from kernels.dispatch import triplane_sample  # noqa: E402
+from ln3diff_rt.conventions import FIELD_CHUNK  # noqa: E402
+from ln3diff_rt.meshing import extract_mesh  # noqa: E402
+from ln3diff_rt.options import GenerationOptions  # noqa: E402
+from ln3diff_rt.pipeline import Generator  # noqa: E402
+from ln3diff_rt.runner import Request, run  # noqa: E402
+
+PROMPT, SEED = "a large red cube", 0
 
 
-def triplane_field(seed: int = 0):
-    """density_fn, color_fn over points [N, 3]: a tri-plane MLP field plus a sphere of radius 0.5."""
+def random_triplane_field(seed: int = 0) -> dict:
+    """A tri-plane MLP field plus a sphere of radius 0.5, at threshold 10."""
     gen = torch.Generator().manual_seed(seed)
     planes = 0.5 * torch.randn(1, 3, 32, 64, 64, generator=gen)  # [B, 3, C, R, R]
     mlp = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.SiLU(), torch.nn.Linear(64, 4))
@@ -39,68 +54,93 @@ def triplane_field(seed: int = 0):
         sigma = F.softplus(query(points)[:, 0] - 1.0)
         return sigma + 200.0 * (0.5 - points.norm(dim=-1)) + 10.0
 
-    def color_fn(points: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(query(points)[:, 1:])
-
-    return density_fn, color_fn
+    return {"case": "random tri-plane + sphere", "density_fn": density_fn,
+            "color_fn": lambda p: torch.sigmoid(query(p)[:, 1:]), "threshold": 10.0, "chunk": 2 ** 18}
 
 
-def timed_extract(density_fn, color_fn, resolution: int, coarse_resolution: int | None):
+def model_field(ckpt: str | None) -> dict:
+    """The field of the object the model generates for PROMPT / SEED, queried as the request path does."""
+    gen = Generator.from_checkpoint(ckpt)
+    planes = next(run(gen, [Request(PROMPT, SEED, GenerationOptions(preview_views=0), mesh=False)])).triplane
+    query = gen.field_fn(planes)
+    name = Path(ckpt).name if ckpt else "shipped model"
+    return {"case": f"{name}: '{PROMPT}'", "density_fn": lambda p: query(p)[0], "color_fn": lambda p: query(p)[1],
+            "threshold": gen.config.renderer.mesh_threshold, "chunk": FIELD_CHUNK}
+
+
+def timed(field: dict, resolution: int, coarse_resolution: int | None):
     start = time.perf_counter()
-    mesh = extract_mesh(density_fn, resolution, color_fn=color_fn, coarse_resolution=coarse_resolution)
-    return mesh, 1e3 * (time.perf_counter() - start)
+    mesh = extract_mesh(field["density_fn"], resolution, field["threshold"], color_fn=field["color_fn"],
+                        coarse_resolution=coarse_resolution, chunk=field["chunk"])
+    return mesh, time.perf_counter() - start
 
 
-def run(resolutions: list[int]) -> list[dict]:
-    density_fn, color_fn = triplane_field()
-    extract_mesh(density_fn, 32, color_fn=color_fn)  # warm-up
+def hausdorff_cells(a: np.ndarray, b: np.ndarray, resolution: int) -> float:
+    if len(a) == 0 or len(b) == 0:
+        return 0.0 if len(a) == len(b) else float("inf")
+    far = max(cKDTree(a).query(b)[0].max(), cKDTree(b).query(a)[0].max())
+    return float(far) * (resolution - 1) / 2.0
+
+
+def measure(field: dict, dense_resolutions: list[int], resolutions: list[int], repeats: int) -> list[dict]:
+    extract_mesh(field["density_fn"], 32, field["threshold"], chunk=field["chunk"])  # warm-up
     rows = []
-    for res in resolutions:
-        dense, dense_ms = timed_extract(density_fn, color_fn, res, coarse_resolution=res)
-        fast, fast_ms = timed_extract(density_fn, color_fn, res, coarse_resolution=None)
-        hausdorff = max(cKDTree(dense.vertices).query(fast.vertices)[0].max(),
-                        cKDTree(fast.vertices).query(dense.vertices)[0].max())
-        rows.append({
-            "case": f"tri-plane 32x64^2 + MLP, {res}^3",
-            "resolution": res,
-            "coarse_stride": fast.stats["coarse_stride"],
-            "dense_ms": dense_ms,
-            "c2f_ms": fast_ms,
-            "speedup": dense_ms / fast_ms,
-            "dense_evaluations": dense.stats["evaluations"],
-            "c2f_evaluations": fast.stats["evaluations"],
-            "dense_vertices": len(dense.vertices),
-            "c2f_vertices": len(fast.vertices),
-            "hausdorff_cells": float(hausdorff) * (res - 1) / 2.0,
-            "dense_seconds": dense.stats["seconds"],
-            "c2f_seconds": fast.stats["seconds"],
-        })
+    for res in sorted(set(dense_resolutions) | set(resolutions)):
+        dense_s, c2f_s, dense, c2f = [], [], None, None
+        for _ in range(repeats):  # alternated, so both see the same load
+            if res in dense_resolutions:
+                dense, seconds = timed(field, res, res)
+                dense_s.append(seconds)
+            c2f, seconds = timed(field, res, None)
+            c2f_s.append(seconds)
+        row = {"case": field["case"], "resolution": res, "c2f_s": statistics.median(c2f_s),
+               "c2f_evaluations": c2f.stats["evaluations"], "c2f_faces": len(c2f.faces),
+               "c2f_seconds": c2f.stats["seconds"]}
+        if dense is not None:
+            row.update(dense_s=statistics.median(dense_s), speedup=statistics.median(dense_s) / row["c2f_s"],
+                       dense_evaluations=dense.stats["evaluations"], dense_faces=len(dense.faces),
+                       hausdorff_cells=hausdorff_cells(dense.vertices, c2f.vertices, res))
+        rows.append(row)
+    for row in rows:
+        row["c2f_over_first"] = row["c2f_s"] / rows[0]["c2f_s"]
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':<32} {'dense ms':>10} {'c2f ms':>10} {'ratio':>7} {'evaluations dense / c2f':>26}"
-          f" {'vertices dense / c2f':>22} {'Hausdorff':>10}")
+    print(f"{'case':<36} {'grid':>6} {'dense s':>8} {'c2f s':>7} {'ratio':>7} {'evaluations dense / c2f':>25}"
+          f" {'faces dense / c2f':>19} {'Hausdorff':>13} {'c2f vs first':>12}")
     for r in rows:
-        evals = f"{r['dense_evaluations']} / {r['c2f_evaluations']}"
-        verts = f"{r['dense_vertices']} / {r['c2f_vertices']}"
-        print(f"{r['case']:<32} {r['dense_ms']:>10.0f} {r['c2f_ms']:>10.0f} {r['speedup']:>6.1f}x {evals:>26}"
-              f" {verts:>22} {r['hausdorff_cells']:>6.3f} cell")
+        dense = "dense_s" in r
+        evals = f"{r['dense_evaluations'] if dense else '-'} / {r['c2f_evaluations']}"
+        faces = f"{r['dense_faces'] if dense else '-'} / {r['c2f_faces']}"
+        print(f"{r['case']:<36} {r['resolution']:>5}^3 {r['dense_s'] if dense else float('nan'):>8.2f}"
+              f" {r['c2f_s']:>7.2f} {r['speedup'] if dense else float('nan'):>6.1f}x {evals:>25} {faces:>19}"
+              f" {r['hausdorff_cells'] if dense else float('nan'):>7.4f} cells {r['c2f_over_first']:>11.2f}x")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--resolutions", type=int, nargs="+", default=[128, 256])
+    parser.add_argument("--ckpt", default=None, help="checkpoint for the model field (default: the shipped model)")
+    parser.add_argument("--dense", type=int, nargs="*", default=[256], help="resolutions also sampled densely")
+    parser.add_argument("--resolutions", type=int, nargs="+", default=[256, 384])
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", nargs="?", const=str(Path(__file__).with_suffix(".json")), default=None,
                         help="write the rows as JSON (default path: next to this script)")
-    args = parser.parse_args()
-    rows = run(args.resolutions)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}")
+    args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats}; expected at least 1")
+    torch.set_grad_enabled(False)
+    rows = []
+    for field in (model_field(args.ckpt), random_triplane_field()):
+        rows += measure(field, args.dense, args.resolutions, args.repeats)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, numpy {np.__version__}, "
+          f"median of {args.repeats} alternated runs")
     print_table(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
         print(f"wrote {args.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -2,9 +2,12 @@
 
 The official LN3Diff code samples the tri-plane densely at 192^3, runs marching cubes at density
 10 and colours vertices from the tri-plane; holding every query at once needs ~24 GB. We sample a
-coarse lattice, refine by x2 only in cells whose corner values straddle the threshold (plus a
-one-cell margin), fill the rest of the dense grid by trilinear interpolation, and run the same
-marching cubes on it: wherever the surface is, the grid holds the same values as dense sampling.
+coarse lattice and refine by x2 only in cells along the surface (`surface_band.py`: the cells whose
+corners straddle the threshold, their neighbours on the first step, and every cell the surface or
+the interpolation error leads into), so wherever the surface is, the values are those of dense
+sampling; marching cubes then runs over those cells only, never over a dense resolution^3 volume,
+so time and memory follow the surface area. `coarse_resolution=resolution` samples densely and
+marches the whole grid (the reference the tests compare against).
 
 Grid: `resolution` samples per axis at cell corners, x_i = -bound + i * h for i = 0 .. resolution - 1
 with h = 2 * bound / (resolution - 1), so the first and last samples lie on the faces of the box.
@@ -24,12 +27,23 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse
+import scipy.sparse.csgraph
 import torch
-import torch.nn.functional as F
 import trimesh
 from skimage.measure import marching_cubes
 
-DensityFn = Callable[[torch.Tensor], torch.Tensor]  # points [N, 3] -> density [N]
+from ln3diff_rt.surface_band import (
+    Band,
+    BrickLattice,
+    DensityFn,
+    dilate,
+    evaluate_nodes,
+    march_band,
+    refine,
+    straddling_cells,
+)
+
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # points [N, 3] -> rgb in [0, 1], [N, 3]
 
 
@@ -62,88 +76,60 @@ def coarse_stride(resolution: int, coarse_resolution: int | None = None) -> int:
     return 2 ** max(0, int(math.floor(math.log2(ratio))))
 
 
-def _evaluate(fn: DensityFn, index_chunk: Callable[[int, int], torch.Tensor], total: int, spacing: float,
-              bound: float, chunk: int) -> torch.Tensor:
-    """fn at the grid nodes index_chunk(start, stop) [K, 3] (fine-grid units) for start in range(total)."""
-    out = torch.empty(total, dtype=torch.float32)
-    for start in range(0, total, chunk):
-        stop = min(start + chunk, total)
-        idx = index_chunk(start, stop)  # [K, 3] int64
-        # Nodes past the last sample (padding up to a multiple of the stride) sit on the box face.
-        points = (idx.to(torch.float64) * spacing - bound).clamp(-bound, bound).to(torch.float32)
-        out[start:stop] = fn(points).reshape(-1).to(torch.float32)
-    return out
+def _coarse_lattice(density_fn: DensityFn, resolution: int, bound: float, stride: int,
+                    chunk: int) -> torch.Tensor:
+    """fn on the lattice of nodes `stride` finest cells apart, padded to whole cells -> [count]^3."""
+    spacing = 2.0 * bound / (resolution - 1)
+    count = math.ceil((resolution - 1) / stride) + 1
+    out = torch.empty(count ** 3)
+    for start in range(0, count ** 3, chunk):  # node indices made per chunk: a dense 256^3 list is 400 MB
+        flat = torch.arange(start, min(start + chunk, count ** 3))
+        nodes = torch.stack([flat // (count * count), (flat // count) % count, flat % count], dim=-1)
+        out[start:start + len(flat)] = evaluate_nodes(density_fn, nodes, stride, spacing, bound, chunk)
+    return out.view(count, count, count)
 
 
-def _evaluate_lattice(fn: DensityFn, count: int, stride: int, spacing: float, bound: float,
-                      chunk: int) -> torch.Tensor:
-    """fn on the full lattice of count^3 nodes, `stride` fine cells apart -> [count, count, count]."""
+def sample_band(density_fn: DensityFn, resolution: int, threshold: float, bound: float, stride: int,
+                chunk: int) -> Band:
+    """The finest level refined by x2 steps from a lattice `stride` cells apart (stride >= 2), along the surface.
 
-    def index_chunk(start: int, stop: int) -> torch.Tensor:
-        flat = torch.arange(start, stop)
-        return torch.stack([flat // (count * count), (flat // count) % count, flat % count], dim=-1) * stride
-
-    return _evaluate(fn, index_chunk, count ** 3, spacing, bound, chunk).view(count, count, count)
-
-
-def _straddling_cells(values: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Cells [n-1]^3 of a node grid [n]^3 with corners on both sides of the threshold, grown by one cell."""
-    v = values[None, None]
-    cell_max = F.max_pool3d(v, 2, stride=1)
-    cell_min = -F.max_pool3d(-v, 2, stride=1)
-    straddle = ((cell_min <= threshold) & (cell_max >= threshold)).to(torch.float32)
-    return F.max_pool3d(straddle, 3, stride=1, padding=1)[0, 0] > 0
-
-
-def _nodes_of_split_cells(cells: torch.Tensor) -> torch.Tensor:
-    """Cells [m]^3 split in 2x2x2 -> bool [2m+1]^3 over the finer lattice: nodes touching a chosen cell.
-
-    Separable, one axis at a time: an odd node lies inside cell i, an even node 2i on cells i-1 and i.
+    The first refinement splits the coarse cells that straddle the threshold and their neighbours (the
+    module's assumption); later ones start from the straddling cells; each follows the surface.
     """
-    mask = cells
-    for dim in range(3):
-        m = mask.shape[dim]
-        out = torch.zeros(*mask.shape[:dim], 2 * m + 1, *mask.shape[dim + 1:], dtype=torch.bool)
-        lead = (slice(None),) * dim
-        out[lead + (slice(1, None, 2),)] = mask  # odd nodes 1 .. 2m-1
-        out[lead + (slice(0, -1, 2),)] |= mask  # even nodes 0 .. 2m-2
-        out[lead + (slice(2, None, 2),)] |= mask  # even nodes 2 .. 2m
-        mask = out
-    return mask
+    spacing = 2.0 * bound / (resolution - 1)
+    values = _coarse_lattice(density_fn, resolution, bound, stride, chunk)
+    known = torch.ones_like(values, dtype=torch.bool)  # which nodes hold a true evaluation
+    evaluations = values.numel()
+    seed = dilate(straddling_cells(values, threshold))
+    step = stride
+    while True:
+        step //= 2
+        lattice = BrickLattice(values, known)
+        last = step == 1
+        band = refine(lattice, seed, threshold, valid_cells=resolution - 1 if last else lattice.n - 1,
+                      valid_nodes=resolution if last else lattice.n,
+                      evaluate=lambda nodes, step=step: evaluate_nodes(density_fn, nodes, step, spacing, bound, chunk))
+        evaluations += band.evaluations
+        if last:
+            band.evaluations = evaluations
+            return band
+        values, known = lattice.dense()
+        seed = straddling_cells(values, threshold)
 
 
 def sample_density_grid(density_fn: DensityFn, resolution: int, threshold: float, bound: float,
                         stride: int, chunk: int) -> tuple[np.ndarray, int]:
-    """Density on the dense grid [resolution]^3 by x2 refinement from a lattice `stride` cells apart.
+    """Density on the dense grid [resolution]^3: sampled densely (stride 1) or refined along the surface.
 
-    Returns the grid (exact near the surface, trilinear elsewhere) and the number of evaluations.
+    Returns the grid (exact on every cell the surface crosses, trilinear elsewhere) and the number of
+    evaluations. The mesher itself never builds this grid when stride > 1; tests compare against it.
     """
-    spacing = 2.0 * bound / (resolution - 1)
-    padded = stride * math.ceil((resolution - 1) / stride) + 1  # a whole number of coarse cells
-    count = (padded - 1) // stride + 1
-    values = _evaluate_lattice(density_fn, count, stride, spacing, bound, chunk)  # [count]^3
-    known = torch.ones_like(values, dtype=torch.bool)  # which nodes hold a true evaluation
-    evaluations = values.numel()
-    step = stride
-    while step > 1:
-        step //= 2
-        cells = _straddling_cells(values, threshold)  # [count-1]^3
-        count = 2 * count - 1
-        fine = F.interpolate(values[None, None], size=(count,) * 3, mode="trilinear",
-                             align_corners=True)[0, 0]  # midpoints are exact averages
-        fine[::2, ::2, ::2] = values
-        fine_known = torch.zeros_like(fine, dtype=torch.bool)
-        fine_known[::2, ::2, ::2] = known
-        todo = _nodes_of_split_cells(cells) & ~fine_known
-        if step == 1:
-            todo[resolution:] = False
-            todo[:, resolution:] = False
-            todo[:, :, resolution:] = False
-        idx = todo.nonzero() * step  # [K, 3], row-major like boolean indexing below
-        fine[todo] = _evaluate(density_fn, lambda a, b, idx=idx: idx[a:b], len(idx), spacing, bound, chunk)
-        evaluations += len(idx)
-        values, known = fine, fine_known | todo
-    return values[:resolution, :resolution, :resolution].numpy(), evaluations
+    if stride == 1:
+        values = _coarse_lattice(density_fn, resolution, bound, 1, chunk)
+        return values.numpy(), values.numel()
+    band = sample_band(density_fn, resolution, threshold, bound, stride, chunk)
+    values, _ = band.lattice.dense()
+    return values[:resolution, :resolution, :resolution].numpy(), band.evaluations
 
 
 def _vertex_colors(color_fn: ColorFn | None, vertices: np.ndarray, chunk: int) -> np.ndarray:
@@ -157,28 +143,73 @@ def _vertex_colors(color_fn: ColorFn | None, vertices: np.ndarray, chunk: int) -
     return colors
 
 
-def _drop_small_components(mesh: trimesh.Trimesh, min_fraction: float) -> trimesh.Trimesh:
-    """Keep connected components with at least min_fraction of the largest component's faces."""
-    labels = trimesh.graph.connected_component_labels(mesh.face_adjacency, node_count=len(mesh.faces))
-    sizes = np.bincount(labels)
-    keep = sizes[labels] >= min_fraction * sizes.max()
-    mesh = trimesh.Trimesh(mesh.vertices, mesh.faces[keep], process=False)
-    mesh.remove_unreferenced_vertices()
-    return mesh
+def _referenced(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices [V, 3] that faces [F, 3] use, in their order, and the faces re-indexed."""
+    used = np.zeros(len(vertices), dtype=bool)
+    used[faces] = True
+    index = np.cumsum(used) - 1
+    return vertices[used], index[faces]
 
 
-def _decimate(mesh: trimesh.Trimesh, faces: int) -> trimesh.Trimesh:
+def _drop_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """Keep connected components (faces joined by a shared vertex) with at least min_fraction of the largest's faces."""
+    graph = scipy.sparse.coo_matrix((np.ones(2 * len(faces)), (faces[:, :2].ravel(), faces[:, 1:].ravel())),
+                                    shape=(len(vertices),) * 2)
+    _, labels = scipy.sparse.csgraph.connected_components(graph, directed=False)
+    face_labels = labels[faces[:, 0]]
+    sizes = np.bincount(face_labels)
+    return _referenced(vertices, faces[sizes[face_labels] >= min_fraction * sizes.max()])
+
+
+def _decimate(vertices: np.ndarray, faces: np.ndarray, budget: int) -> tuple[np.ndarray, np.ndarray]:
     try:
         import fast_simplification  # noqa: F401  (trimesh's quadric decimation backend)
     except ImportError as err:
         raise ImportError("decimation to a face budget needs `pip install fast-simplification`") from err
-    return mesh.simplify_quadric_decimation(face_count=faces)
+    mesh = trimesh.Trimesh(vertices, faces, process=False).simplify_quadric_decimation(face_count=budget)
+    return np.asarray(mesh.vertices), np.asarray(mesh.faces, dtype=np.int64)
+
+
+def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
+    """Unit vertex normals [V, 3] float32: the area-weighted mean of the faces' normals (faces wind outwards)."""
+    corners = vertices[faces].astype(np.float64)  # [F, 3, 3]
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length: twice the area
+    weights = np.repeat(face_normals, 3, axis=0)  # one row per face corner, in faces.ravel() order
+    normals = np.stack([np.bincount(faces.ravel(), weights=weights[:, k], minlength=len(vertices))
+                        for k in range(3)], axis=1)
+    length = np.linalg.norm(normals, axis=1, keepdims=True)
+    return (normals / np.where(length > 0, length, 1.0)).astype(np.float32)
 
 
 def _empty_result(stats: dict) -> MeshResult:
     return MeshResult(vertices=np.zeros((0, 3), np.float32), faces=np.zeros((0, 3), np.int64),
                       vertex_colors=np.zeros((0, 4), np.uint8), normals=np.zeros((0, 3), np.float32),
                       stats=stats)
+
+
+def _march(density_fn: DensityFn, resolution: int, threshold: float, bound: float, stride: int, chunk: int,
+           stats: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices [V, 3] (world) and faces [F, 3] (counter-clockwise from outside) of the surface; times both stages."""
+    seconds = stats["seconds"]
+    spacing = 2.0 * bound / (resolution - 1)
+    t0 = time.perf_counter()
+    if stride == 1:
+        volume, stats["evaluations"] = sample_density_grid(density_fn, resolution, threshold, bound, 1, chunk)
+        seconds["density"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verts, faces = np.zeros((0, 3)), np.zeros((0, 3), np.int64)
+        if volume.min() < threshold < volume.max():
+            verts, faces, _, _ = marching_cubes(volume, level=threshold, allow_degenerate=False)
+    else:
+        band = sample_band(density_fn, resolution, threshold, bound, stride, chunk)
+        stats["evaluations"] = band.evaluations
+        seconds["density"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        verts, faces = march_band(band, threshold, resolution)
+    seconds["marching_cubes"] = time.perf_counter() - t0
+    # skimage winds triangles clockwise seen from the high-value side; density is high inside.
+    return verts * spacing - bound, np.ascontiguousarray(faces[:, ::-1], dtype=np.int64)
 
 
 @torch.no_grad()
@@ -207,35 +238,21 @@ def extract_mesh(density_fn: DensityFn, resolution: int = 256, threshold: float 
     stride = coarse_stride(resolution, coarse_resolution)
     seconds: dict[str, float] = {}
     stats = {"resolution": resolution, "coarse_stride": stride, "seconds": seconds}
-    t0 = time.perf_counter()
-    volume, evaluations = sample_density_grid(density_fn, resolution, threshold, bound, stride, chunk)
-    seconds["density"] = time.perf_counter() - t0
-    stats["evaluations"] = evaluations
-    if not volume.min() < threshold < volume.max():
+    vertices, tris = _march(density_fn, resolution, threshold, bound, stride, chunk, stats)
+    if len(tris) == 0:
         return _empty_result(stats)
-
-    t0 = time.perf_counter()
-    spacing = 2.0 * bound / (resolution - 1)
-    verts, tris, _, _ = marching_cubes(volume, level=threshold, spacing=(spacing,) * 3,
-                                       allow_degenerate=False)
-    # skimage winds triangles clockwise seen from the high-value side; density is high inside.
-    mesh = trimesh.Trimesh(verts - bound, tris[:, ::-1], process=False)
-    seconds["marching_cubes"] = time.perf_counter() - t0
-    if len(mesh.faces) == 0:
-        return _empty_result(stats)
-
     if min_component_fraction > 0:
         t0 = time.perf_counter()
-        mesh = _drop_small_components(mesh, min_component_fraction)
+        vertices, tris = _drop_small_components(vertices, tris, min_component_fraction)
         seconds["floaters"] = time.perf_counter() - t0
-    if faces is not None and len(mesh.faces) > faces:
+    if faces is not None and len(tris) > faces:
         t0 = time.perf_counter()
-        mesh = _decimate(mesh, faces)
+        vertices, tris = _decimate(vertices, tris, faces)
         seconds["decimate"] = time.perf_counter() - t0
 
-    vertices = np.asarray(mesh.vertices, dtype=np.float32)
+    vertices = vertices.astype(np.float32)
     t0 = time.perf_counter()
     colors = _vertex_colors(color_fn, vertices, chunk)
     seconds["color"] = time.perf_counter() - t0
-    return MeshResult(vertices=vertices, faces=np.asarray(mesh.faces, dtype=np.int64), vertex_colors=colors,
-                      normals=np.asarray(mesh.vertex_normals, dtype=np.float32), stats=stats)
+    return MeshResult(vertices=vertices, faces=tris, vertex_colors=colors, normals=vertex_normals(vertices, tris),
+                      stats=stats)

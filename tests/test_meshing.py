@@ -9,7 +9,8 @@ import trimesh
 from scipy.spatial import cKDTree
 
 from ln3diff_rt.mesh_export import FORMATS, Placement, export_mesh, mesh_bytes, to_trimesh
-from ln3diff_rt.meshing import extract_mesh
+from ln3diff_rt.meshing import extract_mesh, sample_density_grid
+from ln3diff_rt.surface_band import BRICK
 from ln3diff_rt.usd_export import USD_FORMATS
 
 RES = 96
@@ -49,16 +50,80 @@ def sphere_mesh():
     return extract_mesh(sphere, RES, color_fn=position_color)
 
 
-@pytest.mark.parametrize("field", [sphere, box, torus], ids=["sphere", "box", "torus"])
-def test_coarse_to_fine_matches_dense(field):
-    dense = extract_mesh(field, RES, coarse_resolution=RES)
-    fast = extract_mesh(field, RES)
-    assert dense.stats["evaluations"] == RES ** 3
-    assert abs(len(fast.vertices) - len(dense.vertices)) <= 0.02 * len(dense.vertices)
-    assert hausdorff(fast.vertices, dense.vertices) < CELL
+def node_cube(p: torch.Tensor) -> torch.Tensor:
+    """A cube of half-size 0.5: at 97^3 its faces lie on grid nodes, where the density is exactly 10."""
+    return 200 * (0.5 - p.abs().amax(dim=-1)) + THRESHOLD
+
+
+def corner_ball(p: torch.Tensor) -> torch.Tensor:
+    """A ball centred on a corner of the box: the surface meets three box faces."""
+    return 200 * (0.9 - (p - 1.0).norm(dim=-1)) + THRESHOLD
+
+
+def slanted_plane(p: torch.Tensor) -> torch.Tensor:
+    """A plane crossing the whole box, through many bricks and every brick face orientation."""
+    return 200 * (0.1 - p @ torch.tensor([0.48, 0.36, 0.8])) + THRESHOLD
+
+
+def two_balls(p: torch.Tensor) -> torch.Tensor:
+    """Two small balls (radius 0.1) on either side of x = 0, where bricks meet at most resolutions."""
+    left = sphere(p + torch.tensor([0.11, 0.0, 0.0]), radius=0.1)
+    return torch.maximum(left, sphere(p - torch.tensor([0.11, 0.0, 0.0]), radius=0.1))
+
+
+def welded(m) -> trimesh.Trimesh:
+    return trimesh.Trimesh(m.vertices, m.faces, process=False)
+
+
+# (field, resolution, Euler number of the closed surface or None where the box cuts it open)
+CASES = {
+    "sphere": (sphere, RES, 2), "sphere-97": (sphere, 97, 2), "box": (box, RES, 2), "torus": (torus, RES, 0),
+    "torus-97": (torus, 97, 0), "node-cube-97": (node_cube, 97, 2), "two-balls-65": (two_balls, 65, 4),
+    "corner-ball": (corner_ball, RES, None), "slanted-plane-97": (slanted_plane, 97, None),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_coarse_to_fine_matches_dense(name):
+    field, res, euler = CASES[name]
+    cell = 2.0 / (res - 1)
+    dense = extract_mesh(field, res, coarse_resolution=res)
+    fast = extract_mesh(field, res)
+    assert dense.stats["evaluations"] == res ** 3
+    # Welding merges vertices closer than 1e-4 cells to a node, so slivers dense keeps may go: compare areas.
+    assert welded(fast).area == pytest.approx(welded(dense).area, rel=1e-4)
+    assert hausdorff(fast.vertices, dense.vertices) < cell
+    assert len(np.unique(fast.vertices, axis=0)) == len(fast.vertices)  # welded: one vertex per position
+    if euler is not None:  # closed: every edge between two faces, so the brick seams are welded
+        mesh = welded(fast)
+        assert mesh.is_watertight and mesh.is_winding_consistent and mesh.euler_number == euler
+        assert mesh.volume > 0
     ratio = fast.stats["evaluations"] / dense.stats["evaluations"]
-    print(f"{field.__name__}: {fast.stats['evaluations']} / {RES ** 3} evaluations ({ratio:.3f})")
+    print(f"{name}: {fast.stats['evaluations']} / {res ** 3} evaluations ({ratio:.3f})")
     assert ratio < 0.3
+
+
+def test_band_holds_dense_values_wherever_the_surface_is():
+    """Every corner of a cell the surface crosses holds the evaluated value, not an interpolated one."""
+    res = 97
+    dense, _ = sample_density_grid(torus, res, THRESHOLD, bound=1.0, stride=1, chunk=2 ** 16)
+    band, evaluations = sample_density_grid(torus, res, THRESHOLD, bound=1.0, stride=4, chunk=2 ** 16)
+    assert evaluations < 0.3 * res ** 3
+    inside = torch.from_numpy(dense > THRESHOLD)
+    cells = np.argwhere((inside[1:, 1:, 1:] != inside[:-1, :-1, :-1]).numpy()
+                        | (inside[1:, :-1, :-1] != inside[:-1, :-1, :-1]).numpy())
+    corners = (cells[:, None, :] + np.argwhere(np.ones((2, 2, 2)))[None]).reshape(-1, 3)
+    assert len(cells) > 1000
+    np.testing.assert_array_equal(band[tuple(corners.T)], dense[tuple(corners.T)])
+
+
+def test_surface_across_brick_faces_is_closed():
+    """A sphere whose fine grid puts brick faces through it at every axis is one closed, welded surface."""
+    res = 4 * BRICK + 1
+    m = extract_mesh(lambda p: sphere(p, radius=0.55), res)
+    mesh = welded(m)
+    assert mesh.is_watertight and mesh.euler_number == 2
+    assert np.abs(np.linalg.norm(m.vertices, axis=1) - 0.55).max() < 0.5 * 2.0 / (res - 1)
 
 
 def test_sphere_radius_normals_and_winding(sphere_mesh):
@@ -134,10 +199,12 @@ def test_floaters_dropped_on_request():
     assert np.linalg.norm(cleaned.vertices, axis=1).max() < 0.5 + CELL
 
 
-def test_empty_field_gives_empty_mesh():
-    m = extract_mesh(lambda p: torch.zeros(len(p)), 64, color_fn=position_color)
+@pytest.mark.parametrize("value", [0.0, 2 * THRESHOLD], ids=["all-outside", "all-inside"])
+def test_empty_field_gives_empty_mesh(value):
+    m = extract_mesh(lambda p: torch.full((len(p),), value), 64, color_fn=position_color)
     assert m.empty
     assert m.vertices.shape == (0, 3) and m.faces.shape == (0, 3) and m.vertex_colors.shape == (0, 4)
+    assert m.normals.shape == (0, 3)
     assert m.stats["evaluations"] < 0.05 * 64 ** 3
     with pytest.raises(ValueError, match="empty"):
         mesh_bytes(m)

@@ -1,7 +1,7 @@
 """Turntable previews of the default request: the preview path against a baseline renderer, and a request's share.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_previews.py [--repeats 5] [--png previews.png] [--json out.json]
-    OMP_NUM_THREADS=1 python benchmarks/bench_previews.py --baseline-rev a357190   # against that commit's previews
+    OMP_NUM_THREADS=1 python benchmarks/bench_previews.py --baseline-rev 0ff5585   # against that commit's previews
 
 For each prompt the shipped model makes one tri-plane; its default previews (8 frames of 128 px) are
 rendered by `Generator.render_previews` (candidate) and by a baseline, alternated in one process: by
@@ -11,7 +11,8 @@ preview path of that commit's `ln3diff_rt/rendering.py` (its occupancy grid, the
 Image error is the mean absolute difference of the uint8 frames (0-255, RGB), over all pixels and
 over the baseline's object pixels (not background), and the largest. Then whole warm requests
 (mesh, GLB, previews) with the default previews and with none, alternated: per-object time and the
-previews' share. `--png` writes baseline frames above candidate frames, one pair of rows per prompt.
+previews' share, with the default texture bake and with vertex colours (texture 0). `--png` writes
+baseline frames above candidate frames, one pair of rows per prompt.
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def compare_previews(gen: Generator, prompt: str, seed: int, repeats: int, modul
     return row, base, cand
 
 
-def compare_requests(gen: Generator, prompt: str, seed: int, repeats: int) -> dict:
+def compare_requests(gen: Generator, prompt: str, seed: int, repeats: int, texture: int) -> dict:
     """Warm whole requests (mesh, GLB, previews) with the default previews and with none, alternated."""
     def request(options):
         result = next(run(gen, [Request(prompt, seed, options, formats=("glb",))]))
@@ -109,13 +110,13 @@ def compare_requests(gen: Generator, prompt: str, seed: int, repeats: int) -> di
 
     with_s, without_s, preview_s = [], [], []
     for _ in range(repeats + 1):
-        t, preview = timed(request, GenerationOptions())
+        t, preview = timed(request, GenerationOptions(texture=texture))
         with_s.append(t)
         preview_s.append(preview)
-        without_s.append(timed(request, GenerationOptions(preview_views=0))[0])
+        without_s.append(timed(request, GenerationOptions(texture=texture, preview_views=0))[0])
     total, without, preview = (statistics.median(v[1:]) for v in (with_s, without_s, preview_s))
-    return {"case": prompt, "request_ms": total * 1e3, "no_previews_ms": without * 1e3, "previews_ms": preview * 1e3,
-            "previews_share": preview / total}
+    return {"case": prompt, "texture": texture, "request_ms": total * 1e3, "no_previews_ms": without * 1e3,
+            "previews_ms": preview * 1e3, "previews_share": preview / total}
 
 
 def write_png(path: str, pairs: list[tuple[list[np.ndarray], list[np.ndarray]]]) -> None:
@@ -150,11 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         e = row["error"]
         print(f"{prompt:<22} {row['baseline_ms']:>11.0f} {row['candidate_ms']:>12.0f} {row['ratio']:>5.2f}x "
               f"{e['mean']:>8.3f} {e['mean_object']:>10.3f} {e['max']:>7.0f}")
-    print(f"\n{'case':<22} {'request ms':>10} {'no previews ms':>14} {'previews ms':>11} {'share':>6}")
-    requests = [compare_requests(gen, prompt, args.seed, args.repeats) for prompt in args.prompts]
-    for r in requests:
-        print(f"{r['case']:<22} {r['request_ms']:>10.0f} {r['no_previews_ms']:>14.0f} {r['previews_ms']:>11.0f} "
-              f"{r['previews_share']:>6.2f}")
+    print(f"\n{'case':<22} {'texture':>7} {'request ms':>10} {'no previews ms':>14} {'previews ms':>11} {'share':>6}")
+    requests = []
+    for texture in (GenerationOptions().texture, 0):
+        for prompt in args.prompts:
+            r = compare_requests(gen, prompt, args.seed, args.repeats, texture)
+            requests.append(r)
+            print(f"{r['case']:<22} {texture:>7} {r['request_ms']:>10.0f} {r['no_previews_ms']:>14.0f} "
+                  f"{r['previews_ms']:>11.0f} {r['previews_share']:>6.2f}")
     if args.png:
         write_png(args.png, pairs)
     Path(args.json).write_text(json.dumps({"baseline": baseline, "threads": torch.get_num_threads(),

@@ -145,6 +145,10 @@ def _kernel_bench(results: dict, copy: float | None) -> str:
                   "of measured copy", "note"], rows)
 
 
+def _workload(work: dict) -> str:
+    return "workload: " + ", ".join(f"{k} {v!r}" if isinstance(v, str) else f"{k} {v}" for k, v in work.items())
+
+
 def _pipeline(results: dict) -> str:
     parts = []
     model, work = results.get("model", {}), results.get("workload", {})
@@ -152,7 +156,7 @@ def _pipeline(results: dict) -> str:
         parts.append(f"preset {model['preset']}, parameters {model['parameters']}, models built in "
                      f"{model['build_s']:.1f} s; text encoder: {model['text_encoder']}; surface: {model['surface']}")
     if work:
-        parts.append("workload: " + ", ".join(f"{k} {v}" for k, v in work.items()))
+        parts.append(_workload(work))
     if "aoti_build" in results:
         build = results["aoti_build"]
         parts.append(f"AOTInductor ({build['precision']}) built in {build['seconds']:.1f} s: " + "; ".join(
@@ -184,7 +188,7 @@ def _serve(results: dict) -> str:
             rows.append([f"{label} ({r.get('clients', 1)})", r["requests"], r["throughput_rps"], r["p50_ms"],
                          r["p95_ms"], r["mean_batch"]])
     work = results.get("workload", {})
-    return ("workload: " + ", ".join(f"{k} {v}" for k, v in work.items()) + "\n\n" if work else "") + table(
+    return (_workload(work) + "\n\n" if work else "") + table(
         ["case", "requests", "requests/s", "p50 ms", "p95 ms", "mean batch"], rows)
 
 

@@ -24,15 +24,17 @@ import io
 import os
 import re
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import trimesh
 from PIL import Image
 
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import FORMATS, USD_FORMATS
 from ln3diff_rt.usd_export import usd_bytes
+
+if TYPE_CHECKING:
+    import trimesh
 
 COMPANIONS = ("mtl", "png")  # files an OBJ (mtl, png) or a USDA (png) refers to by name
 SLUG_CHARS = 60
@@ -113,6 +115,7 @@ def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: 
     """A trimesh in metres with +Y up (`up="z"` keeps the world's +Z up, for PLY), sized and placed by
     `placement` from the bounds of `reference` (default: the mesh itself; the most detailed level, so that every
     level sits in the same place); `placement=None` keeps the (rotated) world coordinates."""
+    import trimesh  # on first use (~0.5 s of imports): a process that writes no mesh never pays for it
     if mesh.empty:
         raise ValueError("the mesh is empty (the field has no surface at the threshold); nothing to export")
     rotation = _Z_UP_TO_Y_UP if up == "y" else np.eye(3)
@@ -140,6 +143,8 @@ def mesh_bytes(mesh: MeshResult, format: str = "glb", placement: Placement | Non
     """The mesh encoded as one file: GLB, OBJ (vertex colours as `v x y z r g b`, or UVs and `mtllib stem.mtl`),
     binary PLY (vertex colours), USDZ or USDA (texture `stem.png`), the object named `name`; a GLB carries
     `extras` (and the placement) in its scene's extras. A textured `material` needs the mesh's `uvs`."""
+    import trimesh
+
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; expected one of {FORMATS}")
     textured = material.texture is not None and format != "ply"

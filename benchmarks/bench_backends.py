@@ -32,6 +32,7 @@ from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
 from ln3diff_rt.random_weights import random_checkpoint
 from ln3diff_rt.runner import generate
+from ln3diff_rt.sampling import Condition
 
 BACKENDS = tuple(name for name, b in REGISTRY.items() if "cpu" in b.devices)  # what runs here
 FIELD_POINTS = 2 ** 18  # one meshing chunk
@@ -56,16 +57,16 @@ def component_cases(gen: Generator, batch: int) -> dict:
     cfg, c = gen.config, gen.components
     g = torch.Generator().manual_seed(0)
     prompts = PROMPTS[:batch]
-    cond = c.text_encoder(prompts)
+    cond = gen.encode_conditions(prompts, [None] * batch)  # with zero image tokens on an image-capable model
     b2 = 2 * batch  # cond + uncond
     x, t = torch.randn(b2, *cfg.latent_shape, generator=g), torch.rand(b2, generator=g)
-    context, pooled = cond.context.repeat(2, 1, 1), cond.pooled.repeat(2, 1)
+    condition = Condition.cat([cond, gen.unconditional(cond)]).args()
     latent = torch.randn(batch, *cfg.latent_shape, generator=g)
     planes = c.decoder(latent)[:1]
     points = torch.rand(1, FIELD_POINTS, 3, generator=g) * 2 - 1
     return {
         f"text_encoder B={batch}": lambda: c.text_encoder(prompts),
-        f"denoiser B={b2}": lambda: c.denoiser(x, t, context, pooled),
+        f"denoiser B={b2}": lambda: c.denoiser(x, t, *condition),
         f"decoder B={batch}": lambda: c.decoder(latent),
         f"field N={FIELD_POINTS}": lambda: c.field(planes, points),
         # the same points in the calls the engine runtime makes on a CPU: what eager would gain from them too

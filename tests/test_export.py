@@ -251,3 +251,23 @@ def test_cli_help_as_script_and_module(command, tmp_path):
     assert done.returncode == 0, done.stderr
     for flag in ("--ckpt", "--out", "--backend", "--precision", "--batch-sizes", "--device", "aoti,onnx,tensorrt"):
         assert flag in done.stdout
+
+
+def test_compile_backend_keeps_the_field_eager_on_the_cpu_only():
+    """`compile` compiles the denoiser and decoder; the field only where its sampler is a fused kernel (a GPU): on
+    the CPU Inductor's tri-plane sampling is slower than eager's. torch.compile compiles on the first call, so
+    building the components for "cuda" needs no GPU."""
+    from ln3diff_rt.pipeline import compiled_components
+
+    def field(planes, points):
+        return planes, points
+
+    def denoiser(*args):
+        return args
+
+    eager = Components(lambda prompts: None, denoiser, denoiser, field)
+    on_cpu = compiled_components(eager, device="cpu")
+    assert on_cpu.field is field
+    assert on_cpu.denoiser is not denoiser and on_cpu.decoder is not denoiser
+    on_gpu = compiled_components(eager, device="cuda:0")
+    assert on_gpu.field is not field

@@ -156,7 +156,7 @@ def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
         if sizes.compile_stance:
             torch.compiler.set_stance(sizes.compile_stance)
             rec.put("compile_stance", f"{sizes.compile_stance} (dry run: Inductor off, torch.compile's wrappers on)")
-        components = compiled_components(components)
+        components = compiled_components(components, device=sizes.device)
     elif backend == "aoti":
         components = _aoti_components(models, components, sizes, rec, workdir)
     components.field = ball_surface(components.field, cfg.renderer.mesh_threshold)

@@ -12,11 +12,13 @@ marches the whole grid (the reference the tests compare against).
 Grid: `resolution` samples per axis at cell corners, x_i = -bound + i * h for i = 0 .. resolution - 1
 with h = 2 * bound / (resolution - 1), so the first and last samples lie on the faces of the box.
 
-Assumption of the coarse-to-fine pass: every part of the surface lies within one coarse cell of a
-coarse cell whose corners straddle the threshold. That holds for parts thicker than a coarse cell's
-diagonal (sqrt(3) * stride * h: 0.054 world units at the default 256^3 and stride 4), which
-always contain a coarse sample. Thinner parts (a wire, a chair leg, a small floater) can fall
-between coarse samples and be lost or cut short; raise `coarse_resolution` to keep them.
+Assumption of the coarse-to-fine pass: every piece of surface either lies within one coarse cell of
+a coarse cell whose corners straddle the threshold, or joins such a piece (the band follows the
+surface from there, so thin legs attached to a body are kept), or hides where the field comes
+closer to the threshold than the interpolation error seen next to it. Pieces thicker than a coarse
+cell's diagonal (sqrt(3) * stride * h: 0.11 world units by default from 128^3 up) always contain a
+coarse sample. A small detached piece (a floater, a thin wire apart from the body) can be
+lost; raise `coarse_resolution` to keep them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
 import torch
+import torch.nn.functional as F
 import trimesh
 from skimage.measure import marching_cubes
 
@@ -44,6 +47,7 @@ from ln3diff_rt.surface_band import (
     straddling_cells,
 )
 
+COARSE_SAMPLES = 32  # largest default coarse lattice per axis (see coarse_stride)
 ColorFn = Callable[[torch.Tensor], torch.Tensor]  # points [N, 3] -> rgb in [0, 1], [N, 3]
 
 
@@ -67,11 +71,14 @@ class MeshResult:
 def coarse_stride(resolution: int, coarse_resolution: int | None = None) -> int:
     """Power-of-two step between coarse samples, in fine cells; 1 means dense sampling.
 
-    The default coarse lattice has about resolution / 4 samples per axis: resolution / 8 needed 1.6x
-    fewer evaluations at 192^3 but cut short the legs (radius 0.03) of a test chair, 20% of its faces.
+    The default coarse lattice has about resolution / 4 samples per axis, at most COARSE_SAMPLES: the
+    default request's 128^3 has coarse cells of 0.063 world units, and finer grids keep that
+    guarantee for detached pieces instead of a coarse lattice that grows as N^3. Thin parts joined to
+    the body do not need a finer one: the band follows them (chair legs of radius 0.03 at stride 8,
+    tests/test_meshing.py); before it did, resolution / 8 cut those legs short.
     """
     if coarse_resolution is None:
-        coarse_resolution = max(2, resolution // 4)
+        coarse_resolution = max(2, min(resolution // 4, COARSE_SAMPLES))
     ratio = (resolution - 1) / max(1, coarse_resolution - 1)
     return 2 ** max(0, int(math.floor(math.log2(ratio))))
 
@@ -173,13 +180,11 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, budget: int) -> tuple[np.
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Unit vertex normals [V, 3] float32: the area-weighted mean of the faces' normals (faces wind outwards)."""
-    corners = vertices[faces].astype(np.float64)  # [F, 3, 3]
-    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # length: twice the area
-    weights = np.repeat(face_normals, 3, axis=0)  # one row per face corner, in faces.ravel() order
-    normals = np.stack([np.bincount(faces.ravel(), weights=weights[:, k], minlength=len(vertices))
-                        for k in range(3)], axis=1)
-    length = np.linalg.norm(normals, axis=1, keepdims=True)
-    return (normals / np.where(length > 0, length, 1.0)).astype(np.float32)
+    v, f = torch.from_numpy(np.ascontiguousarray(vertices, np.float32)), torch.from_numpy(faces)
+    corners = v[f]  # [F, 3, 3]
+    face_normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # 2 x area
+    normals = torch.zeros_like(v).index_add_(0, f.reshape(-1), face_normals.repeat_interleave(3, dim=0))
+    return F.normalize(normals, dim=1).numpy()
 
 
 def _empty_result(stats: dict) -> MeshResult:
@@ -220,7 +225,7 @@ def extract_mesh(density_fn: DensityFn, resolution: int = 256, threshold: float 
 
     density_fn / color_fn take CPU float32 points [N, 3] (N <= chunk) and return density [N] /
     RGB in [0, 1] [N, 3]; density is high inside the object. `coarse_resolution` sets the first
-    lattice (default resolution / 4; `coarse_resolution=resolution` samples densely). `faces` is a
+    lattice (default resolution / 4, at most 32; `coarse_resolution=resolution` samples densely). `faces` is a
     face budget for quadric decimation; components with fewer faces than `min_component_fraction`
     of the largest are dropped as floaters. Colours are sampled at the final vertices.
     """

@@ -2,18 +2,22 @@
 
 A level is a lattice of nodes `step` finest cells apart. Refining a level by x2 splits a set of its
 cells (the band) and evaluates the field at the new nodes of split cells only; every other node of
-the finer lattice is the trilinear interpolation of the coarser one. The band starts from the cells
-whose corners straddle the threshold and follows the surface: a neighbour of the band is split too
-when one of its finer cells straddles the threshold with the values known so far, until no such
-neighbour is left. So every finer cell that straddles the threshold has all eight corners evaluated,
-and the surface found is the one dense sampling gives over every surface piece the band touches.
+the finer lattice is the trilinear interpolation of the coarser one. The band starts from the seed
+cells (those whose corners straddle the threshold) and grows until neither rule adds a cell:
+- the surface leads into a neighbour: one of its finer cells straddles the threshold with the values
+  known so far, so every finer cell that straddles it has all eight corners evaluated and the band
+  holds the surface dense sampling finds wherever the band reaches;
+- a neighbour comes close: its corners are nearer the threshold than NEAR_FACTOR x the interpolation
+  error seen at the nodes beside it, so a small piece of surface of its own (a floater next to the
+  body, dense sampling finds them) may hide inside.
 
 Finer values live in bricks of BRICK^3 nodes that the band touches (a table from brick to slot), so
 memory and work follow the surface area, not the volume. Marching cubes runs once over the bricks
-that hold split cells, packed side by side into one compact array; skimage's `mask` (True marks the
-cell whose upper corner is that node) leaves out the seams between packed bricks, cells outside the
-band (no surface there: their values interpolate corners on one side) and cells past the grid.
-Vertices on brick faces come out once per brick; they are welded by the grid edge they lie on.
+that hold split cells, packed side by side into one compact array (at most a few hundred nodes per
+axis, so float32 vertex coordinates keep ~1e-5 of a cell); skimage's `mask` (True marks the cell
+whose upper corner is that node) leaves out the seams between packed bricks, cells outside the band
+(no surface there: their values interpolate corners on one side) and cells past the grid. Vertices
+on brick faces come out once per brick; they are welded by the grid edge they lie on.
 """
 
 from __future__ import annotations
@@ -61,6 +65,10 @@ def _flat(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, n: int) -> torch.Te
     return (x * n + y) * n + z
 
 
+def _unflat(keys: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.stack([keys // (n * n), keys // n % n, keys % n], dim=-1)
+
+
 def _grid(side: int) -> torch.Tensor:
     """Offsets [side^3, 3] of a cube of nodes, row-major."""
     axis = torch.arange(side)
@@ -85,13 +93,13 @@ def upsample2(values: torch.Tensor) -> torch.Tensor:
     return values.contiguous()
 
 
-def dilate(values: torch.Tensor) -> torch.Tensor:
-    """Largest value over each node's 3x3x3 neighbourhood of a grid [a, b, c] (bool or non-negative)."""
+def dilate(values: torch.Tensor, reduce: Callable = torch.maximum) -> torch.Tensor:
+    """`reduce` (largest by default) over each node's 3x3x3 neighbourhood within a grid [a, b, c]."""
     for dim in range(3):
         v = values.movedim(dim, 0)
         out = v.clone()
-        out[1:] = torch.maximum(out[1:], v[:-1])
-        out[:-1] = torch.maximum(out[:-1], v[1:])
+        out[1:] = reduce(out[1:], v[:-1])
+        out[:-1] = reduce(out[:-1], v[1:])
         values = out.movedim(0, dim)
     return values
 
@@ -128,9 +136,10 @@ class BrickLattice:
         self.n = 2 * self.m - 1
         self.bricks_per_axis = math.ceil(self.n / BRICK)
         self.table = torch.full((self.bricks_per_axis ** 3,), -1, dtype=torch.int64)  # brick -> slot
-        self.origins = torch.zeros(0, dtype=torch.int64)  # [K] key of each slot's first node
-        self.values = torch.zeros(0, BRICK, BRICK, BRICK)  # [K, BRICK, BRICK, BRICK]
-        self.exact = torch.zeros(0, BRICK, BRICK, BRICK, dtype=torch.bool)  # evaluated (here or coarser)
+        # Held bricks are the first K slots of storage that doubles as it fills (no copy per new brick).
+        self._storage = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, BRICK, BRICK, BRICK),
+                         torch.zeros(0, BRICK, BRICK, BRICK, dtype=torch.bool))
+        self.origins, self.values, self.exact = self._storage  # [K] first node's key, [K, BRICK^3] values, evaluated?
 
     def _coarse_blocks(self, origins: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Interpolated values [k, BRICK + 1, ...] over bricks whose first nodes are `origins` (keys [k]),
@@ -145,16 +154,21 @@ class BrickLattice:
 
     def _add_bricks(self, bricks: torch.Tensor) -> None:
         """Slots for bricks [k] (flat brick indices, distinct, not held yet), filled from the coarser level."""
-        self.table[bricks] = torch.arange(len(bricks)) + len(self.origins)
+        held, total = len(self.origins), len(self.origins) + len(bricks)
+        self.table[bricks] = torch.arange(held, total)
         per_axis = self.bricks_per_axis
         origins = _pack(torch.stack([bricks // per_axis ** 2, bricks // per_axis % per_axis, bricks % per_axis],
                                     dim=1) * BRICK)
         values, known = self._coarse_blocks(origins)
         exact = torch.zeros(len(bricks), BRICK, BRICK, BRICK, dtype=torch.bool)
         exact[:, ::2, ::2, ::2] = known[:, :-1, :-1, :-1]
-        self.origins = torch.cat([self.origins, origins])
-        self.values = torch.cat([self.values, values[:, :-1, :-1, :-1]])
-        self.exact = torch.cat([self.exact, exact])
+        if total > len(self._storage[0]):
+            capacity = max(total, 2 * len(self._storage[0]))
+            self._storage = tuple(torch.cat([t[:held], t.new_zeros(capacity - held, *t.shape[1:])])
+                                  for t in self._storage)
+        for t, new in zip(self._storage, (origins, values[:, :-1, :-1, :-1], exact), strict=True):
+            t[held:total] = new
+        self.origins, self.values, self.exact = (t[:total] for t in self._storage)
 
     def index(self, keys: torch.Tensor, create: bool) -> torch.Tensor:
         """Flat index into `values` of finer nodes (keys [K]); -1 where their brick is not held (create=False)."""
@@ -192,9 +206,8 @@ class BrickLattice:
              ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluate the held nodes at `index` [K] (repeats allowed) not evaluated yet -> their keys, values
         and the values the coarser level interpolated there."""
-        wanted = torch.zeros(self.values.numel(), dtype=torch.bool)
-        wanted[index] = True
-        todo = (wanted & ~self.exact.view(-1)).nonzero()[:, 0]
+        index = index[~self.exact.view(-1)[index]]
+        todo = torch.unique(index)
         fresh = self.origins[todo >> 3 * BRICK_SHIFT] + _LOCAL_KEYS[todo & (BRICK ** 3 - 1)]
         values = evaluate(_unpack(fresh))
         guessed = self.values.view(-1)[todo]
@@ -226,13 +239,14 @@ class Band:
 
 def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_cells: int, valid_nodes: int,
            evaluate: Callable[[torch.Tensor], torch.Tensor]) -> Band:
-    """Split the seed cells [m-1]^3 of the coarser level, then every cell the surface leads into.
+    """Split the seed cells [m-1]^3 of the coarser level, then every cell the two rules (module doc) add.
 
     A cell c is split only if 2c < valid_cells, and only finer nodes below valid_nodes are evaluated
-    (the padding past the last sample is never asked for at the finest level). A cell that is not
-    split has its corners on one side of the threshold, so its interpolated finer nodes are on that
-    side too: one of its finer cells straddles exactly when a node it shares with a split cell was
-    evaluated on the other side (or on the threshold). Only the nodes just evaluated need that check.
+    (the padding past the last sample is never asked for at the finest level). The seed holds every
+    straddling cell, so a cell that is not split has its corners on one side of the threshold and
+    its interpolated finer nodes on that side too: one of its finer cells straddles exactly when a
+    node it shares with a split cell was evaluated on the other side (or on the threshold). So only
+    the nodes just evaluated need checking, and only the cells whose error just grew.
     """
     m = lattice.m
     split = torch.zeros_like(seed)
@@ -240,11 +254,14 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
     new = seed[:limit, :limit, :limit].nonzero()
     coarse_inside = (lattice.coarse > threshold).view(-1)
     evaluations = 0
-    error = torch.zeros(split.shape)  # [m-1]^3 largest |evaluated - interpolated| at a split cell's nodes
+    error = torch.zeros(split.shape)  # [m-1]^3 largest |evaluated - interpolated| at a cell's lower nodes
     gap = (lattice.coarse - threshold).abs()
     gap = torch.minimum(gap[1:], gap[:-1])
     gap = torch.minimum(gap[:, 1:], gap[:, :-1])
     near = torch.minimum(gap[:, :, 1:], gap[:, :, :-1])  # [m-1]^3 how close a cell's corners come to the threshold
+    near[limit:], near[:, limit:], near[:, :, limit:] = math.inf, math.inf, math.inf  # never split
+    nearest_around = dilate(torch.where(seed, math.inf, near), torch.minimum)  # skips most cells in one look
+    near, nearest_around = near.view(-1), nearest_around.view(-1)
     while len(new):
         split[new[:, 0], new[:, 1], new[:, 2]] = True
         first = _pack(2 * new)  # each cell's lowest finer node; its 2x2x2 nodes lie in the same brick
@@ -259,28 +276,31 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
         far = far[(x < valid_nodes) & (y < valid_nodes) & (z < valid_nodes)]
         fresh, values, guessed = lattice.fill(torch.cat([own, lattice.index(far, create=True)]), evaluate)
         evaluations += len(fresh)
-        lower = _flat(*(_unpack(fresh) >> 1).clamp(max=m - 2).unbind(1), m - 1)
-        error.view(-1).scatter_reduce_(0, lower, (values - guessed).abs(), "amax")
         # A cell touching a node holds the coarse node below it: a node on that node's side and off the
         # threshold grows nothing (cells around it on the other side straddle, so they are split already).
-        x, y, z = _axes(fresh)
+        x, y, z = (a >> 1 for a in _axes(fresh))  # the coarse node below each node
         inside = values > threshold
-        surprise = (values == threshold) | (coarse_inside[_flat(x >> 1, y >> 1, z >> 1, m)] != inside)
+        surprise = (values == threshold) | (coarse_inside[_flat(x, y, z, m)] != inside)
         around = ((_unpack(fresh[surprise])[:, None, :] + _CORNERS[None] - 1) >> 1).reshape(-1, 3)
         inside = inside[surprise].repeat_interleave(8)
         ok = ((around >= 0) & (around < limit)).all(dim=1)
         around, inside = around[ok], inside[ok]
-        x, y, z = around.unbind(1)
-        grow = ~split[x, y, z] & (coarse_inside[_flat(x, y, z, m)] != inside)  # a cell's lower corner: its side
-        marked = torch.zeros_like(split)
-        marked[x[grow], y[grow], z[grow]] = True
-        if not marked.any():
-            # A neighbour whose corners come closer to the threshold than the interpolation error seen
-            # next to it may hold a small piece of surface of its own (a floater beside the band).
-            seen = dilate(error)
-            marked = ~split & (near <= NEAR_FACTOR * seen) & (seen > 0)
-            marked[limit:], marked[:, limit:], marked[:, :, limit:] = False, False, False
-        new = marked.nonzero()
+        cells = _flat(*around.unbind(1), m - 1)
+        grow = [cells[coarse_inside[_flat(*around.unbind(1), m)] != inside]]  # a cell's lower corner: its side
+        # A cell whose corners come closer to the threshold than NEAR_FACTOR x the interpolation error
+        # seen at a neighbour's nodes may hold a small piece of surface of its own (a floater beside the band).
+        lower = _flat(x.clamp(max=m - 2), y.clamp(max=m - 2), z.clamp(max=m - 2), m - 1)
+        error.view(-1).scatter_reduce_(0, lower, (values - guessed).abs(), "amax")
+        touched = torch.unique(lower)
+        reach = NEAR_FACTOR * error.view(-1)[touched]
+        keep = reach >= nearest_around[touched]
+        around = _unflat(touched[keep], m - 1)[:, None, :] + _CUBE[None] - 1  # [E, 27, 3] the cell and its neighbours
+        ok = ((around >= 0) & (around < m - 1)).all(dim=2)
+        cells = _flat(*around.clamp(0, m - 2).unbind(2), m - 1)
+        grow.append(cells[ok & (near[cells] <= reach[keep][:, None])])
+        grow = torch.cat(grow)
+        grow = torch.unique(grow[~split.view(-1)[grow]])
+        new = _unflat(grow, m - 1)
     return Band(lattice, split, evaluations)
 
 

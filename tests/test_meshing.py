@@ -71,6 +71,21 @@ def two_balls(p: torch.Tensor) -> torch.Tensor:
     return torch.maximum(left, sphere(p - torch.tensor([0.11, 0.0, 0.0]), radius=0.1))
 
 
+def rounded_box(p: torch.Tensor, centre: list[float], half: list[float]) -> torch.Tensor:
+    q = (p - torch.tensor(centre)).abs() - torch.tensor(half)
+    return q.clamp(min=0).norm(dim=-1) + q.amax(dim=-1).clamp(max=0)  # signed distance, negative inside
+
+
+def chair(p: torch.Tensor) -> torch.Tensor:
+    """Seat, back and four legs of radius 0.03 (3 cells at 192^3, under half a coarse cell at stride 8)."""
+    d = torch.minimum(rounded_box(p, [0, 0, 0.1], [0.4, 0.4, 0.04]), rounded_box(p, [0, 0.37, 0.45], [0.4, 0.03, 0.35]))
+    for x in (-0.35, 0.35):
+        for y in (-0.35, 0.35):
+            leg = torch.maximum((p[:, :2] - torch.tensor([x, y])).norm(dim=-1) - 0.03, (p[:, 2] + 0.25).abs() - 0.35)
+            d = torch.minimum(d, leg)
+    return -200 * d + THRESHOLD
+
+
 def welded(m) -> trimesh.Trimesh:
     return trimesh.Trimesh(m.vertices, m.faces, process=False)
 
@@ -101,6 +116,16 @@ def test_coarse_to_fine_matches_dense(name):
     ratio = fast.stats["evaluations"] / dense.stats["evaluations"]
     print(f"{name}: {fast.stats['evaluations']} / {res ** 3} evaluations ({ratio:.3f})")
     assert ratio < 0.3
+
+
+def test_thin_legs_followed_from_a_coarse_lattice():
+    """Legs thinner than a coarse cell (stride 8) are kept whole: the band follows them from the seat."""
+    res = 192
+    dense = extract_mesh(chair, res, coarse_resolution=res)
+    fast = extract_mesh(chair, res, coarse_resolution=res // 8)
+    assert fast.stats["coarse_stride"] == 8
+    assert len(fast.faces) == len(dense.faces)
+    assert hausdorff(fast.vertices, dense.vertices) < 2.0 / (res - 1)
 
 
 def test_band_holds_dense_values_wherever_the_surface_is():

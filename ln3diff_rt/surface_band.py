@@ -34,14 +34,16 @@ DensityFn = Callable[[torch.Tensor], torch.Tensor]  # points [N, 3] -> density [
 
 BRICK_SHIFT = 3
 BRICK = 2 ** BRICK_SHIFT  # finer nodes a brick owns per axis (even: a split cell's finer cells lie in one brick)
-# A cell beside the band is split too when its corners come within NEAR_FACTOR x the largest
-# |evaluated - interpolated| seen at the nodes next to it: 1 lost an 8-face floater that dense sampling
-# finds on the bench's random tri-plane field at 256^3, 2 finds every one at 128^3 and 256^3.
+# A cell beside the band (it or a face neighbour has evaluated nodes) is split too when its corners
+# come within NEAR_FACTOR x the largest |evaluated - interpolated| seen there: 1 lost an 8-face floater
+# that dense sampling finds on the bench's random tri-plane field at 256^3, 2 finds every one at 128^3
+# and 256^3.
 NEAR_FACTOR = 2.0
 WELD_EPS = 1e-4  # a vertex this close to a node (in cells) is the node: duplicates agree on it, float32 or not
 
 _CUBE = torch.stack(torch.meshgrid(*(torch.arange(3),) * 3, indexing="ij"), dim=-1).reshape(-1, 3)  # [27, 3]
 _CORNERS = _CUBE[(_CUBE < 2).all(dim=1)]  # [8, 3] the 2x2x2 finer cells of a split cell
+_FACES = _CUBE[(_CUBE - 1).abs().sum(dim=1) <= 1] - 1  # [7, 3] a cell and its six face neighbours
 
 # Node lists are int64 keys x << 42 | y << 21 | z: one column per op instead of three, and an offset
 # is one addition (coordinates stay far below 2^21, so no field carries into the next).
@@ -78,7 +80,8 @@ def _grid(side: int) -> torch.Tensor:
 _OWN_OFFSETS = (_CORNERS[:, 0] << 2 * BRICK_SHIFT) | (_CORNERS[:, 1] << BRICK_SHIFT) | _CORNERS[:, 2]  # in a brick
 _FAR_CUBE = _CUBE[(_CUBE == 2).any(dim=1)]  # [19, 3] a cell's finer nodes on its upper sides
 _FAR_KEYS = _pack(_FAR_CUBE)
-_FAR_OWNER = _flat(*(_FAR_CUBE == 2).long().unbind(1), 2) - 1  # which of _CORNERS[1:] the node's cell is
+# A far node is also a node of the cells above along its far axes (_CORNERS[1:] within those axes).
+_FAR_SHARED = ((_CORNERS[None, 1:, :] == 1) <= (_FAR_CUBE[:, None, :] == 2)).all(dim=2)  # [19, 7]
 _LOCAL_KEYS = _pack(_grid(BRICK))  # [BRICK^3] a brick's nodes, in the order of its values
 
 
@@ -266,12 +269,13 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
         split[new[:, 0], new[:, 1], new[:, 2]] = True
         first = _pack(2 * new)  # each cell's lowest finer node; its 2x2x2 nodes lie in the same brick
         own = (lattice.index(first, create=True)[:, None] + _OWN_OFFSETS[None]).reshape(-1)
-        # A node on a cell's upper side belongs to the split cell above it, or else to this one.
+        # A node on a cell's upper side is left to a split cell above that shares it (as a 2x2x2 node or
+        # on its own upper side), so most nodes come once.
         above = new[:, None, :] + _CORNERS[None, 1:]  # [L, 7, 3]
         inside = (above < m - 1).all(dim=2)
         above = above.clamp(max=m - 2)
         taken = split[above[..., 0], above[..., 1], above[..., 2]] & inside
-        far = (first[:, None] + _FAR_KEYS[None])[~taken[:, _FAR_OWNER]]
+        far = (first[:, None] + _FAR_KEYS[None])[~(taken[:, None, :] & _FAR_SHARED[None]).any(dim=2)]
         x, y, z = _axes(far)
         far = far[(x < valid_nodes) & (y < valid_nodes) & (z < valid_nodes)]
         fresh, values, guessed = lattice.fill(torch.cat([own, lattice.index(far, create=True)]), evaluate)
@@ -294,7 +298,7 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
         touched = torch.unique(lower)
         reach = NEAR_FACTOR * error.view(-1)[touched]
         keep = reach >= nearest_around[touched]
-        around = _unflat(touched[keep], m - 1)[:, None, :] + _CUBE[None] - 1  # [E, 27, 3] the cell and its neighbours
+        around = _unflat(touched[keep], m - 1)[:, None, :] + _FACES[None]  # [E, 7, 3] the cell and its face neighbours
         ok = ((around >= 0) & (around < m - 1)).all(dim=2)
         cells = _flat(*around.clamp(0, m - 2).unbind(2), m - 1)
         grow.append(cells[ok & (near[cells] <= reach[keep][:, None])])

@@ -180,7 +180,8 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, budget: int) -> tuple[np.
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:
     """Unit vertex normals [V, 3] float32: the area-weighted mean of the faces' normals (faces wind outwards)."""
-    v, f = torch.from_numpy(np.ascontiguousarray(vertices, np.float32)), torch.from_numpy(faces)
+    v = torch.from_numpy(np.ascontiguousarray(vertices, np.float32))
+    f = torch.from_numpy(np.ascontiguousarray(faces, np.int64))
     corners = v[f]  # [F, 3, 3]
     face_normals = torch.linalg.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # 2 x area
     normals = torch.zeros_like(v).index_add_(0, f.reshape(-1), face_normals.repeat_interleave(3, dim=0))

@@ -33,7 +33,6 @@ import scipy.sparse
 import scipy.sparse.csgraph
 import torch
 import torch.nn.functional as F
-import trimesh
 from skimage.measure import marching_cubes
 
 from ln3diff_rt.surface_band import (
@@ -174,6 +173,8 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, budget: int) -> tuple[np.
         import fast_simplification  # noqa: F401  (trimesh's quadric decimation backend)
     except ImportError as err:
         raise ImportError("decimation to a face budget needs `pip install fast-simplification`") from err
+    import trimesh  # only here: importing it costs ~0.4 s of a cold start that may mesh nothing
+
     mesh = trimesh.Trimesh(vertices, faces, process=False).simplify_quadric_decimation(face_count=budget)
     return np.asarray(mesh.vertices), np.asarray(mesh.faces, dtype=np.int64)
 

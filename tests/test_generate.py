@@ -106,15 +106,17 @@ def test_cli_unreadable_checkpoint_without_traceback(tmp_path):
     assert "broken.safetensors" in proc.stderr and "Traceback" not in proc.stderr
 
 
-# sha256 of the GLB bytes and of the first preview frame. The previews are those of the request path before the
-# runner refactor (issue 15, at fddaf98: it was byte-identical after it); the GLBs changed on purpose twice since,
-# when assets got a bottom-centre pivot, size words, the prompt as the object's name and extras (issue 16), and
-# when the default asset became UV-mapped with a baked 1024^2 texture (issue 19).
+# sha256 of the GLB bytes and of the first preview frame. Changed on purpose, each time checked against the request
+# path before it: when assets got a bottom-centre pivot, size words, the prompt as the object's name and extras
+# (issue 16); when the default asset became UV-mapped with a baked 1024^2 texture (issue 19); and in issue 21, when
+# marching cubes moved to the surface band (e9424f6: the same surface, welded and decimated from another vertex
+# order; at default settings 0-1.8 cells from the old mesh after decimation, same Euler numbers) and previews to
+# preview sample counts with early termination (60cd8e0: 24 px frames within 5 levels, mean 0.08).
 # One torch thread (conftest): other thread counts reorder float sums.
-PINNED = {"a red cube": ("c22e870e7affdf7c868c4b551486226f401e261ff638f0c6a0a4aaba3614172f",
-                         "4f5434e32008237c427c098b7097711974575381b80802a6ed5a54ad9f2be0cf"),
-          "a small blue torus": ("a1fd217f8a005ff2548bbdd2a388c0557840e16621bc63a962389374df6cabee",
-                                 "50b7b42ffd3a7a2d02f9feff4d353697e56e77db802a44d64362f83662c70f90")}
+PINNED = {"a red cube": ("e16f43ddafa5e76bae2296ce1bf2ce4dea33417b5fcb3525302c4667ab443928",
+                         "e51a758786626813fb39258483c80ba22a42bd2f340209cb98683183d4d7d95f"),
+          "a small blue torus": ("73e356fa7e72853329d004df549d87c0fec15b40985cc9088053e6aabaa2204b",
+                                 "37f6ab45a857fe59fdcdd8d5748450cab7cacd88d58d3b6699f4f04e3dbdc63f")}
 
 
 def test_same_seeds_give_the_pinned_bytes(generator):
@@ -217,3 +219,19 @@ def test_prompts_outside_the_vocabulary_or_too_long_are_warned_about(tmp_path, c
     assert main(["generate", "a crimson cube", "--ckpt", str(ckpt), "--out", str(tmp_path / "out"), "--steps", "1",
                  "--resolution", "16", "--views", "0"]) == 0
     assert "warning: 'a crimson cube': 'crimson' not among" in capsys.readouterr().err
+
+
+def test_console_command_exits_fast_with_everything_written(tmp_path):
+    """`ln3diff generate` skips the interpreter's teardown (os._exit): the files, the last stdout line and the
+    exit codes must all survive that."""
+    cmd = [sys.executable, "-m", "ln3diff_rt.cli", "generate", "a red cube", "--out", str(tmp_path), "--seed", "5",
+           "--steps", "2", "--resolution", "32", "--views", "1", "--preview-size", "16", "--texture", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1].startswith("model load ")  # flushed before the exit
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["a-red-cube_s5.glb", "a-red-cube_s5_view00.png"]
+    assert (tmp_path / "a-red-cube_s5.glb").read_bytes()[:4] == b"glTF"
+    bad = subprocess.run(cmd[:4] + [""], capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip() == "ln3diff generate: error: prompt 1 is empty: describe " \
+                                                         "the object, e.g. \"a red cube\""

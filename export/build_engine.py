@@ -87,7 +87,7 @@ def build_engine(ckpt: str | Path, out: str | Path, backend: str, precision: str
             if "text_encoder" in components else None)
     # TensorRT takes fp32 ONNX and lowers precision itself (builder flags).
     dtype = torch.float32 if backend == "tensorrt" else PRECISIONS[precision]
-    # AOTInductor on a CPU compiles the gather form of the field far better than grid_sample (export/field.py).
+    # AOTInductor on a CPU compiles the gather form of the field (models/projected_field.py) far better.
     projected = backend == "aoti" and torch.device(device).type == "cpu"
     specs = component_specs(models, text, tuple(c for c in COMPONENTS if c in components), dtype, device, projected)
     ctx = BuildContext(precision, batch_sizes, ckpt_sha, Path(cache_dir) if cache_dir else default_cache_dir())

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from export.field import ProjectedTriplaneField
 from export.manifest import TensorSpec
 from ln3diff_rt.checkpoint import Models
+from ln3diff_rt.models.projected_field import ProjectedTriplaneField
 from ln3diff_rt.text import TextEncoder, text_features
 
 TRACE_SIZES = {"batch": 2, "points": 64}  # example sizes for tracing: above 1, so nothing specialises on them

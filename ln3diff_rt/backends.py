@@ -51,8 +51,8 @@ class Backend:
 
 _ENTRIES = (
     Backend("eager", "PyTorch modules as they are (the reference every backend is checked against)"),
-    Backend("compile", "torch.compile of the denoiser and decoder (and the field on a GPU; on the CPU Inductor's "
-            "tri-plane sampling is slower than eager's); compiles on the first request",
+    Backend("compile", "torch.compile of the denoiser, decoder and field (on a CPU the field in the gather form "
+            "Inductor compiles well); compiles on the first request",
             components="ln3diff_rt.pipeline:compiled_components"),
     Backend("aoti", "torch.export + AOTInductor .pt2 packages", components="export.runtime:engine_components",
             engine_suffix=".pt2", build="export.aoti_engine:build", load="export.aoti_engine:load"),

@@ -24,6 +24,8 @@ from ln3diff_rt.checkpoint import Models, load_models
 from ln3diff_rt.conventions import FIELD_CHUNK, PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
 from ln3diff_rt.images import centre_object
 from ln3diff_rt.meshing import MeshResult, extract_mesh
+from ln3diff_rt.models.field import TriplaneField
+from ln3diff_rt.models.projected_field import ProjectedTriplaneField
 from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
 from ln3diff_rt.official.flow import sample_flow
@@ -82,11 +84,16 @@ def _no_text(preset: str) -> Callable[[list[str]], Condition]:
 
 
 def compiled_components(eager: Components, device: str, **_: object) -> Components:
-    """torch.compile of the denoiser and decoder, and of the field on a GPU (the registry's other keywords are not
-    needed). On the CPU the field stays eager: Inductor lowers the reference's `grid_sample` into scalar gathers,
-    slower than ATen's vectorised kernel in every field stage, static shapes or dynamic (mesh queries 0.66x, previews
-    0.76x eager in issue 21's measurement), while the Triton kernel on a GPU is its own fused op."""
-    field = torch.compile(eager.field, dynamic=True) if str(device).startswith("cuda") else eager.field
+    """torch.compile of the denoiser, decoder and field (the registry's other keywords are not needed).
+
+    On the CPU the field is compiled in its gather form (`ProjectedTriplaneField`, as AOTInductor engines are):
+    traced from the reference's `grid_sample`, Inductor emits strided per-channel loads that ran slower than eager
+    in every field stage (mesh queries 0.66x, previews 0.76x in issue 21's measurement). On a GPU the sampler is
+    the Triton op either way. A field of another kind (the published models') is compiled as it is."""
+    field = eager.field
+    if not str(device).startswith("cuda") and isinstance(field, TriplaneField):
+        field = ProjectedTriplaneField(field)
+    field = torch.compile(field, dynamic=True)
     return Components(eager.text_encoder, torch.compile(eager.denoiser), torch.compile(eager.decoder), field,
                       eager.image_encoder)
 

@@ -40,7 +40,7 @@ def test_manifest_and_summary(built):
         assert entry.file == f"{name}.pt2" and (engine_dir / entry.file).is_file()
         assert entry.exporter == "torch.export+aoti"
         assert max(entry.max_abs_error.values()) < TOLERANCES[name]
-    assert manifest.entry("field").extra["form"] == "projected"  # the gather form (export/field.py)
+    assert manifest.entry("field").extra["form"] == "projected"  # the gather form (models/projected_field.py)
     table = summary_table(manifest).splitlines()
     assert table[0].split()[:5] == ["component", "backend", "file", "size", "seconds"]
     assert "stays eager" in table[1] and "stays eager" in table[2] and "denoiser.pt2" in table[3]  # text, image

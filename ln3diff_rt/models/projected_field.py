@@ -1,4 +1,5 @@
-"""The tri-plane field in the form AOTInductor compiles well on a CPU: gathers from a projected tri-plane.
+"""The tri-plane field in the form Inductor compiles well on a CPU (AOTInductor engines, the `compile` backend):
+gathers from a projected tri-plane.
 
 Same maths as `TriplaneField` over `kernels.triplane_ref.triplane_sample_ref` (bilinear,
 align_corners=False, zero padding, the three planes summed, MLP C -> H -> 4), rearranged: bilinear

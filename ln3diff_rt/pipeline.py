@@ -157,11 +157,14 @@ class Generator:
         return GenerationOptions().replace(**self.config.request_defaults)
 
     def check_inputs(self, prompt: str, image: np.ndarray | None) -> None:
-        """ValueError unless this model takes this kind of request (a prompt, an image, or both)."""
+        """InvalidOption naming `image` unless this model takes this kind of request (a prompt, an image, or both):
+        the one check behind the CLI, the runner and the server."""
         if image is not None and not self.config.takes_images:
-            raise ValueError(f"{self.config.preset} ({self.models.path.name}) has no image input; give a prompt")
+            raise InvalidOption("image", "<an image>", f"none: {self.config.preset} ({self.models.path.name}) "
+                                                       "takes a prompt only")
         if image is None and self.config.image_only:
-            raise ValueError(f"{self.config.preset} generates from an image alone; give an image")
+            raise InvalidOption("image", "<none>", f"an image: {self.config.preset} ({self.models.path.name}) "
+                                                   "generates from an image alone")
 
     def prompt_warnings(self, prompt: str) -> list[str]:
         """One-line warnings for a prompt this model will read only in part: words outside its training captions'

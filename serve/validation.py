@@ -104,13 +104,7 @@ def check_request(request: pb.GenerateRequest, limits: Limits, model: Generator 
     if model is not None:
         if options.sampler not in model.samplers:
             raise InvalidOption("sampler", options.sampler, f"one of {', '.join(model.samplers)} for the served model")
-        cfg = model.config
-        if image is not None and not cfg.takes_images:
-            raise InvalidOption("image", f"<{len(request.image)} bytes>",
-                                f"no image: the served model ({cfg.preset}) takes a prompt only")
-        if image is None and cfg.image_only:
-            raise InvalidOption("image", "<none>", f"an image: the served model ({cfg.preset}) generates from an "
-                                "image alone")
+        model.check_inputs(prompt, image)
     if request.skip_mesh and request.formats:
         raise InvalidOption("formats", list(request.formats), "empty when skip_mesh is set")
     formats = () if request.skip_mesh else tuple(request.formats) or DEFAULT_FORMATS

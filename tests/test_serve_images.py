@@ -39,3 +39,28 @@ def test_a_png_becomes_a_glb(client):
 def test_bad_images_are_invalid_argument(client, image, message):
     code, details = code_of(lambda: client.generate("", image=image, **FAST))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details and len(details) < 400
+
+
+def test_an_image_to_a_text_only_model_is_refused_alike_by_cli_and_server(random_tiny_checkpoint, tmp_path, capsys):
+    """One check (Generator.check_inputs) behind the CLI and the server: an image for a model without image input
+    is an error naming `image`, before any work."""
+    import numpy as np
+    from PIL import Image
+
+    from ln3diff_rt.cli import main
+    from ln3diff_rt.options import InvalidOption
+    from serve.ln3diff.v1 import generator_pb2 as pb
+    from serve.validation import check_request
+
+    gen = Generator.from_checkpoint(random_tiny_checkpoint)
+    assert not gen.config.takes_images
+    photo = tmp_path / "photo.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (33, 27, 4), dtype=np.uint8)).save(photo)
+    with pytest.raises(InvalidOption) as err:
+        check_request(pb.GenerateRequest(prompt="a red cube", image=photo.read_bytes()), Limits(), gen)
+    assert err.value.field == "image" and "takes a prompt only" in err.value.expected
+    code = main(["generate", "a red cube", "--image", str(photo), "--ckpt", str(random_tiny_checkpoint),
+                 "--out", str(tmp_path / "out")])
+    message = capsys.readouterr().err.strip()
+    assert code == 2 and message.startswith("ln3diff generate: error: --image='<an image>': expected none: tiny")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -65,6 +65,9 @@ class RendererConfig:
     density_bias: float = -1.0  # density = softplus(sigma + bias), as in the official code
     background: tuple[float, float, float] = (1.0, 1.0, 1.0)
     mesh_threshold: float = 10.0
+    # A second colour head: the unlit base colour (albedo), trained on the data's albedo channel, which meshes and
+    # textures carry (a game engine lights them itself); renders and previews keep the lit colour.
+    albedo: bool = False
 
 
 @dataclass(frozen=True)

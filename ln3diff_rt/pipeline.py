@@ -260,13 +260,24 @@ class Generator:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.components.decoder(latents)
 
-    def field_fn(self, planes: torch.Tensor, field: FieldFn | None = None
+    def field_fn(self, planes: torch.Tensor, field: FieldFn | None = None, lit: bool = False
                  ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """points [N, 3] -> (density [N], rgb [N, 3]) on the CPU, for one tri-plane [3, C, R, R]."""
+        """points [N, 3] -> (density [N], colour [N, 3]) on the CPU, for one tri-plane [3, C, R, R].
+
+        The colour is an asset's (vertex colours, baked textures): the unlit base colour where the model predicts
+        one (`RendererConfig.albedo`), else the lit colour; `lit` asks for the lit colour, what previews render,
+        either way. The albedo comes from the checkpoint's own field (compiled engines compute density and lit
+        colour only); density always from `field`, which may check for cancellation (the runner's)."""
         planes, field = planes[None].to(self.device), field or self.components.field
+        own = self.models.vae.field
+        albedo = None if lit or not getattr(own, "has_albedo", False) else own.albedo
+        dtype = None if albedo is None else next(own.parameters()).dtype  # planes from an fp16 engine, say
 
         def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            density, rgb = field(planes, points[None].to(self.device))
+            points = points[None].to(self.device)
+            density, rgb = field(planes, points)
+            if albedo is not None:
+                rgb = albedo(planes.to(dtype), points.to(dtype))
             return density[0].float().cpu(), rgb[0].float().cpu()
 
         return query
@@ -274,10 +285,11 @@ class Generator:
     @torch.no_grad()
     def extract_mesh(self, planes: torch.Tensor, options: GenerationOptions, field: FieldFn | None = None
                      ) -> MeshResult:
-        """Coarse-to-fine marching cubes of one tri-plane [3, C, R, R]; `field` may wrap the components' field."""
-        query = self.field_fn(planes, field)
-        return extract_mesh(lambda p: query(p)[0], resolution=options.mesh_resolution,
-                            threshold=self.config.renderer.mesh_threshold, color_fn=lambda p: query(p)[1],
+        """Coarse-to-fine marching cubes of one tri-plane [3, C, R, R]; `field` may wrap the components' field.
+        Vertex colours are the asset colour (`field_fn`)."""
+        density, colour = self.field_fn(planes, field, lit=True), self.field_fn(planes, field)
+        return extract_mesh(lambda p: density(p)[0], resolution=options.mesh_resolution,
+                            threshold=self.config.renderer.mesh_threshold, color_fn=lambda p: colour(p)[1],
                             faces=options.faces or None, min_component_fraction=0.01, chunk=FIELD_CHUNK)
 
     @torch.no_grad()

@@ -1,4 +1,4 @@
-"""The VAE's geometry losses: rendered opacity, depth and surface normals against the data's channels.
+"""The VAE's losses on the data's channels beyond colour: rendered opacity, depth, surface normals and albedo.
 
 Each is a masked mean over rays with a per-ray weight, so a ray without the channel (its object has no
 depth files, or it misses the object) contributes nothing, and a batch without any gives 0. Depth and
@@ -49,3 +49,11 @@ def field_normals(field: FieldFn, planes: torch.Tensor, points: torch.Tensor, st
 def normal_loss(normals: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """1 - cos between predicted and target unit normals [B, N, 3], weighted per ray [B, N]."""
     return masked_mean(1.0 - (normals * target).sum(-1), weights)
+
+
+def albedo_loss(albedo: torch.Tensor, target: torch.Tensor, alpha: torch.Tensor, weights: torch.Tensor
+                ) -> torch.Tensor:
+    """L1 between the field's base colour [B, N, 3] and the target's, which is over white [B, N, 3]: the prediction
+    is composited over white with the target alpha [B, N] first, so a pixel on the object's edge compares alike."""
+    over_white = alpha[..., None] * albedo + (1.0 - alpha[..., None])
+    return masked_mean((over_white - target).abs().mean(-1), weights)

@@ -7,7 +7,8 @@ Each step encodes V input views of a batch of objects, decodes tri-planes and re
 subset of rays of other (novel) views; the loss is L1 on colour + L1 on opacity against the
 alpha mask + KL, and where the data has depth and normals (`training.data.channels`; per object, so
 a dataset may mix objects with and without them) L1 on depth and 1 - cos on the field's normals
-(`training.geometry_losses`), so geometry is learned directly, not only through colour. Writes
+(`training.geometry_losses`), so geometry is learned directly, not only through colour. With --albedo the
+field also predicts the unlit base colour (what assets carry), L1 against the data's albedo channel. Writes
 `train_state.safetensors` (resume), `vae.safetensors` (the model) and `log.jsonl` under --out.
 """
 
@@ -30,7 +31,7 @@ from ln3diff_rt.rendering import render_chunked, render_rays
 from training.common import Dist, distributed_teardown, setup_distributed
 from training.data.dataset import MultiViewDataset
 from training.flags import flag, parse_config
-from training.geometry_losses import depth_loss, field_normals, mask_loss, normal_loss
+from training.geometry_losses import albedo_loss, depth_loss, field_normals, mask_loss, normal_loss
 from training.loop import Stage, run
 
 
@@ -55,6 +56,9 @@ class VAETrainConfig:
     mask_weight: float = flag(0.5, "weight of the opacity-vs-alpha L1")
     depth_weight: float = flag(0.5, "weight of the depth L1 (project units) where the data has depth; 0 = off")
     normal_weight: float = flag(0.1, "weight of the normal loss (1 - cos) where the data has normals; 0 = off")
+    albedo: bool = flag(False, "give the field an albedo head (unlit base colour for meshes and textures)")
+    albedo_weight: float = flag(1.0, "weight of the albedo L1 where the model has the head (--albedo) and the "
+                                "data has albedo; 0 = off")
     eval_every: int = flag(250, "steps between held-out PSNR evals")
     eval_objects: int = flag(16, "held-out objects per eval")
     save_every: float = flag(120.0, "seconds between state saves")
@@ -67,15 +71,17 @@ class VAETrainConfig:
 class VAEObjective(nn.Module):
     """The training loss as a module, so DDP can wrap one forward call.
 
-    `rays` is what `sample_target_rays` returns; the depth and normal terms run when their weight is not 0
-    and the rays carry the channel, each ray weighted by whether its object has it.
+    `rays` is what `sample_target_rays` returns; the depth, normal and albedo terms run when their weight is
+    not 0 and the rays carry the channel, each ray weighted by whether its object has it.
     """
 
     def __init__(self, vae: TriplaneVAE, kl_weight: float, mask_weight: float, depth_weight: float = 0.0,
-                 normal_weight: float = 0.0):
+                 normal_weight: float = 0.0, albedo_weight: float = 0.0):
         super().__init__()
+        if albedo_weight and not vae.field.has_albedo:
+            raise ValueError(f"albedo_weight={albedo_weight}: the model has no albedo head (RendererConfig.albedo)")
         self.vae, self.kl_weight, self.mask_weight = vae, kl_weight, mask_weight
-        self.depth_weight, self.normal_weight = depth_weight, normal_weight
+        self.depth_weight, self.normal_weight, self.albedo_weight = depth_weight, normal_weight, albedo_weight
         # Differences half a tri-plane texel either side: they span the two bilinear cells around the point.
         self.normal_step = 1.0 / vae.cfg.triplane_resolution
 
@@ -89,14 +95,20 @@ class VAEObjective(nn.Module):
         parts = {"l1": l1, "mask": mask_loss(out.opacity, rays["mask"]), "kl": kl}
         total = l1 + self.mask_weight * parts["mask"] + self.kl_weight * kl
         surface = rays["mask"] * out.opacity.detach()  # where the object is and the model renders a surface
+        points = rays["origins"] + rays["dirs"] * out.depth.detach()[..., None]  # the expected surface point
         if self.depth_weight and "depth" in rays:
             parts["depth"] = depth_loss(out.depth, rays["depth"], surface * rays["has_depth"])
             total = total + self.depth_weight * parts["depth"]
         if self.normal_weight and "normal" in rays:
-            points = rays["origins"] + rays["dirs"] * out.depth.detach()[..., None]  # the expected surface point
             normals = field_normals(self.vae.field, planes, points, self.normal_step)
             parts["normal"] = normal_loss(normals, rays["normal"], surface * rays["has_normal"])
             total = total + self.normal_weight * parts["normal"]
+        if self.albedo_weight and "albedo" in rays:
+            # At the surface point, not composited along the ray: the renderer composites 3 channels, and base
+            # colour is a property of the surface.
+            albedo = self.vae.field.albedo(planes, points.clamp(-1.0, 1.0))
+            parts["albedo"] = albedo_loss(albedo, rays["albedo"], rays["mask"], surface * rays["has_albedo"])
+            total = total + self.albedo_weight * parts["albedo"]
         return total, {k: v.detach() for k, v in parts.items()}
 
 
@@ -109,8 +121,8 @@ def collate(dataset: MultiViewDataset, indices: list[int], epoch: int) -> dict:
 def sample_target_rays(batch: dict, count: int, generator: torch.Generator, foreground_fraction: float = 0.0
                        ) -> dict[str, torch.Tensor]:
     """Random rays of the target views: "origins", "dirs", "rgb" [B, count, 3], "mask" [B, count], and where
-    the batch has them "depth" [B, count] and "normal" [B, count, 3] with "has_depth", "has_normal" [B, count]
-    (1 where the ray's object has the channel, as float weights).
+    the batch has them "depth" [B, count], "normal" and "albedo" (over white) [B, count, 3] with "has_depth",
+    "has_normal", "has_albedo" [B, count] (1 where the ray's object has the channel, as float weights).
 
     A `foreground_fraction` of the rays is drawn from pixels inside the object's mask: small objects
     cover a few percent of a view, and uniform rays spend nearly all the colour signal on background.
@@ -125,7 +137,7 @@ def sample_target_rays(batch: dict, count: int, generator: torch.Generator, fore
     pixels = lambda name: gather(batch[name].permute(0, 1, 3, 4, 2))  # noqa: E731  [B, V, C, H, W] -> [B, count, C]
     rays = {"origins": gather(origins), "dirs": gather(dirs), "rgb": pixels("target_images"),
             "mask": pixels("target_masks")[..., 0]}
-    for name in ("depth", "normal"):
+    for name in ("depth", "normal", "albedo"):
         if f"target_{name}s" in batch:
             rays[name] = pixels(f"target_{name}s").squeeze(-1) if name == "depth" else pixels(f"target_{name}s")
             rays[f"has_{name}"] = batch[f"has_{name}"].float()[:, None].expand(b, count)
@@ -168,9 +180,13 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views))
     on_error = "raise" if cfg.fail_on_bad_object else "skip"
     size = model_cfg.encoder.image_size
-    geometry = [name for name, weight in (("depth", cfg.depth_weight), ("normal", cfg.normal_weight)) if weight]
+    albedo_weight = cfg.albedo_weight if cfg.albedo else 0.0
+    if cfg.albedo:
+        model_cfg = model_cfg.replace(renderer=dataclasses.replace(model_cfg.renderer, albedo=True))
+    channels = [name for name, weight in (("depth", cfg.depth_weight), ("normal", cfg.normal_weight),
+                                          ("albedo", albedo_weight)) if weight]
     train_set = MultiViewDataset(cfg.data, "train", input_views, cfg.target_views, size, on_error, cfg.seed,
-                                 cache=True, channels=geometry, partial_channels=True)
+                                 cache=True, channels=channels, partial_channels=True)
     val_set = MultiViewDataset(cfg.data, "val", input_views, 1, size, on_error, cfg.seed + 1, cache=True)
     if len(train_set) == 0:
         raise SystemExit(f"error: no usable training objects under {cfg.data}/train")
@@ -194,7 +210,8 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         return {"skipped": [f"{p}: {why}" for p, why in train_set.skipped]}
 
     stage = Stage(name="vae", config=model_cfg, model=vae, state=vae,
-                  objective=VAEObjective(vae, cfg.kl_weight, cfg.mask_weight, cfg.depth_weight, cfg.normal_weight),
+                  objective=VAEObjective(vae, cfg.kl_weight, cfg.mask_weight, cfg.depth_weight, cfg.normal_weight,
+                                         albedo_weight),
                   optimizer=torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0),
                   num_items=len(train_set), batch=batch, finish=finish, evaluate=evaluate if len(val_set) else None,
                   info={"train_objects": len(train_set), "val_objects": len(val_set),

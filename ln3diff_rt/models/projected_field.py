@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ln3diff_rt.conventions import PLANE_AXES
-from ln3diff_rt.models.field import TriplaneField
+from ln3diff_rt.models.field import ALBEDO, LIT, TriplaneField
 
 
 class ProjectedTriplaneField(nn.Module):
-    """planes [1, 3, C, R, R], points [1, N, 3] -> density [1, N], rgb [1, N, 3], as `TriplaneField`."""
+    """planes [1, 3, C, R, R], points [1, N, 3] -> density [1, N], rgb [1, N, 3], and `albedo`, as `TriplaneField`."""
 
     def __init__(self, field: TriplaneField):
         super().__init__()
@@ -31,9 +31,20 @@ class ProjectedTriplaneField(nn.Module):
         if not (isinstance(first, nn.Linear) and isinstance(act, nn.Softplus) and isinstance(last, nn.Linear)):
             raise ValueError(f"expected the field MLP Linear -> Softplus -> Linear, got {field.mlp}")
         self.first, self.act, self.last = first, act, last
-        self.density_bias = field.density_bias
+        self.density_bias, self.has_albedo = field.density_bias, field.has_albedo
 
     def forward(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self._raw(planes, points)
+        return F.softplus(raw[..., 0] + self.density_bias), torch.sigmoid(raw[..., LIT])
+
+    def albedo(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """planes [1, 3, C, R, R], points [1, N, 3] -> unlit base colour [1, N, 3]."""
+        if not self.has_albedo:
+            raise ValueError("this field has no albedo head (RendererConfig.albedo is False)")
+        return torch.sigmoid(self._raw(planes, points)[..., ALBEDO])
+
+    def _raw(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """The MLP's outputs [1, N, 4 or 7]."""
         _, _, c, r, _ = planes.shape
         table = planes[0].permute(0, 2, 3, 1).reshape(3 * r * r, c) @ self.first.weight.t()  # [3 R^2, H]
         pts = points[0]  # [N, 3]
@@ -51,5 +62,4 @@ class ProjectedTriplaneField(nn.Module):
                     inside = (xi >= 0) & (xi < r) & (yi >= 0) & (yi < r)  # zero padding outside
                     row = plane * r * r + yi.clamp(0, r - 1) * r + xi.clamp(0, r - 1)
                     hidden = hidden + table[row] * torch.where(inside, wx * wy, 0.0)[:, None]
-        raw = self.last(self.act(hidden))[None]  # [1, N, 4]
-        return F.softplus(raw[..., 0] + self.density_bias), torch.sigmoid(raw[..., 1:])
+        return self.last(self.act(hidden))[None]

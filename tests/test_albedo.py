@@ -1,0 +1,135 @@
+"""The field's albedo head (issue 18, item 5): assets carry the unlit base colour, previews the lit colour."""
+
+import dataclasses
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+import training.vae as vae_training
+from ln3diff_rt.checkpoint import load_models, save_checkpoint
+from ln3diff_rt.config import ModelConfig, RendererConfig, get_preset
+from ln3diff_rt.models.field import TriplaneField
+from ln3diff_rt.models.projected_field import ProjectedTriplaneField
+from ln3diff_rt.options import GenerationOptions
+from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT, Generator
+from ln3diff_rt.random_weights import random_models
+from ln3diff_rt.runner import Request, run
+from training.data.synth import generate
+
+RED, GREEN = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
+
+
+def test_configs_without_the_field_load_as_before():
+    raw = json.loads(get_preset("tiny").to_json())
+    del raw["renderer"]["albedo"]  # what checkpoints written before the head store
+    assert ModelConfig.from_json(json.dumps(raw)) == get_preset("tiny")
+    field = load_models(DEFAULT_CHECKPOINT).vae.field
+    assert not field.has_albedo and field.mlp[2].out_features == 4
+    with pytest.raises(ValueError, match="no albedo head"):
+        field.albedo(torch.zeros(1, 3, 32, 8, 8), torch.zeros(1, 5, 3))
+
+
+def test_albedo_head_is_three_more_outputs_and_the_projected_form_matches():
+    torch.manual_seed(0)
+    field = TriplaneField(32, RendererConfig(albedo=True))
+    assert field.mlp[2].out_features == 7
+    planes, points = torch.randn(1, 3, 32, 16, 16), torch.rand(1, 1000, 3) * 2.2 - 1.1  # some outside the box
+    density, rgb = field(planes, points)
+    albedo = field.albedo(planes, points)
+    assert density.shape == (1, 1000) and rgb.shape == albedo.shape == (1, 1000, 3)
+    assert (rgb - albedo).abs().max() > 0.1  # separate outputs, not a copy
+    projected = ProjectedTriplaneField(field)
+    d2, rgb2 = projected(planes, points)
+    torch.testing.assert_close(d2, density, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(rgb2, rgb, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(projected.albedo(planes, points), albedo, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no albedo head"):
+        ProjectedTriplaneField(TriplaneField(32, RendererConfig())).albedo(planes, points)
+
+
+@pytest.fixture(scope="module")
+def red_lit_green_albedo(tmp_path_factory):
+    """The tests' cube (conftest `cube_checkpoint`'s recipe) with an albedo head: lit colour red, albedo green."""
+    cfg = get_preset("tiny")
+    cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, albedo=True))
+    models = random_models("tiny", seed=0)
+    vae = models.vae
+    field = TriplaneField(cfg.decoder.triplane_channels, cfg.renderer)
+    with torch.no_grad():
+        out = vae.decoder.upsampler.out
+        out.weight.mul_(0.01)
+        out.bias.zero_()
+        out.bias[0] = 1.0
+        first, last = field.mlp[0], field.mlp[2]
+        first.weight.zero_()
+        first.weight[:, 0] = 1.0
+        first.bias.zero_()
+        last.weight.zero_()
+        last.weight[0, 0] = 10.0
+        last.bias.copy_(torch.tensor([-15.0, *(20.0 * torch.tensor(RED) - 10.0), *(20.0 * torch.tensor(GREEN) - 10.0)]))
+    vae.field, vae.cfg = field, cfg
+    path = tmp_path_factory.mktemp("albedo") / "albedo-cube.safetensors"
+    save_checkpoint(path, cfg, {"vae": vae, "dit": models.dit})
+    return path
+
+
+def test_meshes_and_textures_carry_the_albedo_and_previews_the_lit_colour(red_lit_green_albedo):
+    gen = Generator.from_checkpoint(red_lit_green_albedo)
+    assert gen.models.vae.field.has_albedo
+    options = GenerationOptions(steps=1, mesh_resolution=32, faces=0, preview_views=1, preview_size=32, texture=0)
+    [plain] = run(gen, [Request("a cube", 1, options, ("glb",))])
+    glb = trimesh.load(io.BytesIO(plain.exports["glb"]), file_type="glb", force="mesh")
+    colours = np.asarray(glb.visual.vertex_colors)[:, :3] / 255.0
+    assert len(colours) > 100
+    np.testing.assert_allclose(colours, np.broadcast_to(GREEN, colours.shape), atol=0.01)
+    centre = plain.previews[0][12:20, 12:20] / 255.0  # the cube fills the middle of the frame
+    np.testing.assert_allclose(centre, np.broadcast_to(RED, centre.shape), atol=0.05)
+    [textured] = run(gen, [Request("a cube", 1, options.replace(texture=64, preview_views=0), ("glb",))])
+    glb = trimesh.load(io.BytesIO(textured.exports["glb"]), file_type="glb", force="mesh")
+    texture = np.asarray(glb.visual.material.baseColorTexture.convert("RGB")) / 255.0
+    np.testing.assert_allclose(texture, np.broadcast_to(GREEN, texture.shape), atol=0.01)
+    with torch.no_grad():
+        _, lit = gen.field_fn(plain.triplane, lit=True)(torch.zeros(4, 3))
+    np.testing.assert_allclose(lit.numpy(), np.broadcast_to(RED, (4, 3)), atol=0.01)
+
+
+def test_vae_trains_the_albedo_head_logs_its_loss_and_resumes_exactly(tmp_path, monkeypatch):
+    data = tmp_path / "synth"
+    generate(data, objects=4, views=6, size=32, seed=3, val_fraction=0.25)
+    cfg = dict(data=str(data), steps=3, batch_size=2, rays_per_object=64, target_views=2, eval_every=1000,
+               eval_objects=1, warmup=1, seed=5, albedo=True, depth_weight=0.0, normal_weight=0.0)
+    straight = vae_training.train(vae_training.VAETrainConfig(out=str(tmp_path / "a"), **cfg))
+    real_collate = vae_training.collate
+
+    def interrupt_at_step_2(ds, idx, epoch):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_collate(ds, idx, epoch)
+
+    monkeypatch.setattr(vae_training, "collate", interrupt_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        vae_training.train(vae_training.VAETrainConfig(out=str(tmp_path / "b"), **cfg))
+    monkeypatch.setattr(vae_training, "collate", real_collate)
+    resumed = vae_training.train(vae_training.VAETrainConfig(out=str(tmp_path / "b"), resume=True, **cfg))
+
+    def train_records(run_dir):
+        lines = map(json.loads, (run_dir / "log.jsonl").read_text().splitlines())
+        return [r for r in lines if r["event"] == "train"]
+
+    log_a, log_b = train_records(tmp_path / "a"), train_records(tmp_path / "b")
+    assert len(log_a) == 3 and all(r["albedo"] > 0 for r in log_a)
+    for r in log_a:  # the logged total is the weighted sum of the logged parts
+        total = r["l1"] + 0.5 * r["mask"] + 1e-5 * r["kl"] + 1.0 * r["albedo"]
+        assert r["loss"] == pytest.approx(total, abs=1e-4)
+    keys = ("l1", "mask", "kl", "albedo", "loss")
+    assert [[r[k] for k in keys] for r in log_a] == [[r[k] for k in keys] for r in log_b]
+    a, b = load_models(straight), load_models(resumed)
+    assert a.config.renderer.albedo and a.vae.field.mlp[2].out_features == 7
+    for k, v in a.vae.state_dict().items():
+        torch.testing.assert_close(v, b.vae.state_dict()[k], rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(ValueError, match="no albedo head"):
+        vae_training.VAEObjective(random_models("tiny").vae, 1e-5, 0.5, albedo_weight=1.0)

@@ -6,6 +6,7 @@ a default only (setdefault), so a GPU run can export TRITON_INTERPRET=0; it chan
 tests that do not launch Triton kernels.
 """
 
+import contextlib
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -275,3 +276,23 @@ def code_of(fn):
     with pytest.raises(grpc.RpcError) as info:
         fn()
     return info.value.code(), info.value.details()
+
+
+@contextlib.contextmanager
+def vae_interrupted_at(monkeypatch, step: int):
+    """VAE training whose batch for `step` raises KeyboardInterrupt (a crash mid-run) until the block ends: the
+    resume tests' one way to stop a run part-way."""
+    import training.vae as vae_training
+
+    real = vae_training.collate
+
+    def collate(ds, idx, epoch):
+        if epoch == step:
+            raise KeyboardInterrupt
+        return real(ds, idx, epoch)
+
+    monkeypatch.setattr(vae_training, "collate", collate)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(vae_training, "collate", real)

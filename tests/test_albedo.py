@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from conftest import vae_interrupted_at
 
 import training.vae as vae_training
 from ln3diff_rt.checkpoint import load_models, save_checkpoint
@@ -103,17 +104,8 @@ def test_vae_trains_the_albedo_head_logs_its_loss_and_resumes_exactly(tmp_path, 
     cfg = dict(data=str(data), steps=3, batch_size=2, rays_per_object=64, target_views=2, eval_every=1000,
                eval_objects=1, warmup=1, seed=5, albedo=True, depth_weight=0.0, normal_weight=0.0)
     straight = vae_training.train(vae_training.VAETrainConfig(out=str(tmp_path / "a"), **cfg))
-    real_collate = vae_training.collate
-
-    def interrupt_at_step_2(ds, idx, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_collate(ds, idx, epoch)
-
-    monkeypatch.setattr(vae_training, "collate", interrupt_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with vae_interrupted_at(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         vae_training.train(vae_training.VAETrainConfig(out=str(tmp_path / "b"), **cfg))
-    monkeypatch.setattr(vae_training, "collate", real_collate)
     resumed = vae_training.train(vae_training.VAETrainConfig(out=str(tmp_path / "b"), resume=True, **cfg))
 
     def train_records(run_dir):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import vae_interrupted_at
 
 import training.diffusion as diffusion
 import training.vae as vae_training
@@ -48,18 +49,8 @@ def test_vae_steps_lower_the_loss(dataset, tmp_path):
 
 def test_vae_resume_after_interrupt_is_exact(dataset, tmp_path, monkeypatch):
     straight = vae_training.train(small_vae_config(dataset, tmp_path / "straight"))
-
-    real_collate = vae_training.collate
-
-    def interrupt_at_step_3(ds, idx, epoch):
-        if epoch == 3:
-            raise KeyboardInterrupt
-        return real_collate(ds, idx, epoch)
-
-    monkeypatch.setattr(vae_training, "collate", interrupt_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
+    with vae_interrupted_at(monkeypatch, 3), pytest.raises(KeyboardInterrupt):
         vae_training.train(small_vae_config(dataset, tmp_path / "resumed"))
-    monkeypatch.setattr(vae_training, "collate", real_collate)
     resumed = vae_training.train(small_vae_config(dataset, tmp_path / "resumed", resume=True))
 
     log_a = records(tmp_path / "straight" / "log.jsonl", "train")
@@ -481,17 +472,8 @@ def test_target_rays_carry_depth_and_normals_of_the_same_pixels_per_object(mixed
 def test_vae_trains_on_mixed_geometry_logs_each_loss_and_resumes_exactly(mixed_dataset, tmp_path, monkeypatch):
     cfg = dict(steps=4, rays_per_object=96, batch_size=3)
     straight = vae_training.train(small_vae_config(mixed_dataset, tmp_path / "straight", **cfg))
-    real_collate = vae_training.collate
-
-    def interrupt_at_step_2(ds, idx, epoch):
-        if epoch == 2:
-            raise KeyboardInterrupt
-        return real_collate(ds, idx, epoch)
-
-    monkeypatch.setattr(vae_training, "collate", interrupt_at_step_2)
-    with pytest.raises(KeyboardInterrupt):
+    with vae_interrupted_at(monkeypatch, 2), pytest.raises(KeyboardInterrupt):
         vae_training.train(small_vae_config(mixed_dataset, tmp_path / "resumed", **cfg))
-    monkeypatch.setattr(vae_training, "collate", real_collate)
     resumed = vae_training.train(small_vae_config(mixed_dataset, tmp_path / "resumed", resume=True, **cfg))
 
     start = records(tmp_path / "straight" / "log.jsonl", "start")[0]

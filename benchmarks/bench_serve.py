@@ -76,6 +76,21 @@ def print_table(off: dict, on: dict) -> None:
     print("ratio: on / off for throughput and batch size, off / on for latency (higher is better for batching)")
 
 
+def served_generator(ckpt: Path | None, device: str = "cpu") -> Generator:
+    """The model a serving benchmark runs: `ckpt`, else the shipped model, else a random-weight tiny checkpoint
+    (written to a temporary folder; the loaded model keeps no file open)."""
+    if ckpt is None and not DEFAULT_CHECKPOINT.is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            return Generator.from_checkpoint(random_checkpoint(Path(tmp) / "tiny-random.safetensors"), device)
+    return Generator.from_checkpoint(ckpt or DEFAULT_CHECKPOINT, device)
+
+
+def machine(generator: Generator) -> str:
+    """The line that says where a serving benchmark ran."""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
+            f"{os.getloadavg()[0]:.2f}, checkpoint {generator.models.path.name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ckpt", type=Path, default=None, help="default: the shipped model if present, "
@@ -90,19 +105,14 @@ def main() -> None:
     parser.add_argument("--json", nargs="?", const=str(Path(__file__).with_suffix(".json")), default=None,
                         help="also write the figures as JSON (default path: beside this script)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt or DEFAULT_CHECKPOINT
-        if not args.ckpt and not DEFAULT_CHECKPOINT.is_file():
-            ckpt = random_checkpoint(Path(tmp) / "tiny-random.safetensors")
-        generator = Generator.from_checkpoint(ckpt, args.device)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}, "
-              f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}, checkpoint {Path(ckpt).name}")
-        print(f"workload: {args.clients} clients, {args.requests} requests per mode, {WORKLOAD}")
-        runs: dict[bool, list] = {False: [], True: []}
-        for i in range(args.rounds):  # alternate the order: background load drifts, both modes see it alike
-            for batching in (False, True) if i % 2 == 0 else (True, False):
-                runs[batching].append(load(generator, args.clients, args.requests // args.rounds,
-                                           args.max_batch if batching else 1, args.max_wait_ms, args.timeout))
+    generator = served_generator(args.ckpt, args.device)
+    print(f"{machine(generator)}, device {args.device}")
+    print(f"workload: {args.clients} clients, {args.requests} requests per mode, {WORKLOAD}")
+    runs: dict[bool, list] = {False: [], True: []}
+    for i in range(args.rounds):  # alternate the order: background load drifts, both modes see it alike
+        for batching in (False, True) if i % 2 == 0 else (True, False):
+            runs[batching].append(load(generator, args.clients, args.requests // args.rounds,
+                                       args.max_batch if batching else 1, args.max_wait_ms, args.timeout))
     off, on = summary(runs[False]), summary(runs[True])
     per_round = [len(b[1]) / b[0] / (len(a[1]) / a[0]) for a, b in zip(runs[False], runs[True], strict=True)]
     print_table(off, on)

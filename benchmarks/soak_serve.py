@@ -27,19 +27,15 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import os
 import random
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import grpc
 import numpy as np
-import torch
+from bench_serve import machine, served_generator  # the sibling script (run as python benchmarks/soak_serve.py)
 
-from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT, Generator
-from ln3diff_rt.random_weights import random_checkpoint
 from serve.client import Client, IntegrityError, build_request
 from serve.server import SERVICE, ServerConfig, ServerThread
 from serve.validation import Limits
@@ -161,14 +157,9 @@ def main() -> None:
     parser.add_argument("--json", nargs="?", const=str(Path(__file__).with_suffix(".json")), default=None,
                         help="also write the figures as JSON (default path: beside this script)")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = args.ckpt or DEFAULT_CHECKPOINT
-        if not args.ckpt and not DEFAULT_CHECKPOINT.is_file():
-            ckpt = random_checkpoint(Path(tmp) / "tiny-random.safetensors")
-        generator = Generator.from_checkpoint(ckpt)
-    machine = (f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, load average "
-               f"{os.getloadavg()[0]:.2f}, checkpoint {Path(ckpt).name}")
-    print(f"{machine}; {args.clients} clients, at most {args.requests} requests or {args.seconds:g} s, mix {KINDS}")
+    generator = served_generator(args.ckpt)
+    where = machine(generator)
+    print(f"{where}; {args.clients} clients, at most {args.requests} requests or {args.seconds:g} s, mix {KINDS}")
     limits = Limits(max_steps=1000, max_preview_pixels=4 * 512 * 512)  # what the long requests ask for
     server = ServerThread(lambda: generator, ServerConfig(port=0, max_queue=64, limits=limits)).wait_serving()
     try:
@@ -194,7 +185,7 @@ def main() -> None:
         server.stop(grace=5.0)
     latency = np.array(soak.latency) * 1e3
     figures = {
-        "machine": machine, "clients": args.clients, "seconds": round(wall, 1),
+        "machine": where, "clients": args.clients, "seconds": round(wall, 1),
         "requests": sum(sum(c.values()) for c in soak.codes.values()),
         "by_kind": {kind: dict(codes) for kind, codes in soak.codes.items()},
         "valid_p50_ms": float(np.percentile(latency, 50)) if len(latency) else None,

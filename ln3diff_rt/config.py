@@ -55,6 +55,9 @@ class DecoderConfig:
     triplane_channels: int = 32
 
 
+GEOMETRIES = ("density", "sdf")
+
+
 @dataclass(frozen=True)
 class RendererConfig:
     """Tri-plane field head and ray marcher (LN3Diff: MLP 32 -> 64 -> 4, 64 + 64 samples per ray)."""
@@ -68,6 +71,18 @@ class RendererConfig:
     # A second colour head: the unlit base colour (albedo), trained on the data's albedo channel, which meshes and
     # textures carry (a game engine lights them itself); renders and previews keep the lit colour.
     albedo: bool = False
+    # What the MLP's first output means. "density": density = softplus(raw + density_bias), LN3Diff's head.
+    # "sdf": raw is a signed distance s (box units, negative inside) and density = Laplace CDF(-s / beta) / beta
+    # (VolSDF), beta learned from `sdf_beta`; meshes are cut at s = 0, where marching cubes interpolates a function
+    # that is linear across the surface instead of a density that jumps there.
+    geometry: str = "density"
+    sdf_beta: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.geometry not in GEOMETRIES:
+            raise ValueError(f"renderer.geometry {self.geometry!r}: expected one of {GEOMETRIES}")
+        if self.sdf_beta <= 0:
+            raise ValueError(f"renderer.sdf_beta {self.sdf_beta}: expected > 0")
 
 
 @dataclass(frozen=True)

@@ -288,8 +288,10 @@ class Generator:
         """Coarse-to-fine marching cubes of one tri-plane [3, C, R, R]; `field` may wrap the components' field.
         Vertex colours are the asset colour (`field_fn`)."""
         density, colour = self.field_fn(planes, field, lit=True), self.field_fn(planes, field)
-        return extract_mesh(lambda p: density(p)[0], resolution=options.mesh_resolution,
-                            threshold=self.config.renderer.mesh_threshold, color_fn=lambda p: colour(p)[1],
+        own = self.models.vae.field  # an SDF field is cut at s = 0, recovered from any engine's density
+        level = own.mesh_level(torch.tensor(own.surface_density(self.config.renderer.mesh_threshold)))
+        return extract_mesh(lambda p: own.mesh_level(density(p)[0]), resolution=options.mesh_resolution,
+                            threshold=float(level), color_fn=lambda p: colour(p)[1],
                             faces=options.faces or None, min_component_fraction=0.01, chunk=FIELD_CHUNK)
 
     @torch.no_grad()

@@ -192,6 +192,7 @@ class SignedDistanceVAE:
         from training.data.synth import ObjectSpec
 
         self.specs = iter([ObjectSpec.from_meta(r.meta["ln3diff_synth"]) for r in dataset.records])
+        self.field = DensityOf(self.specs)
 
     def encode(self, images, c2w, intrinsics):
         return images, None
@@ -199,10 +200,20 @@ class SignedDistanceVAE:
     def decode(self, latent):
         return latent
 
-    def field(self, planes, points):
+
+class DensityOf:
+    """The stand-in's field: density 20 - 100 * sdf of the next object spec."""
+
+    def __init__(self, specs):
+        self.specs = specs
+
+    def __call__(self, planes, points):
         from training.data.synth import sdf
 
         return torch.from_numpy(20.0 - 100.0 * sdf(next(self.specs), points[0].numpy()))[None], None
+
+    def surface_density(self, threshold: float) -> float:
+        return threshold  # a density field's surface is where the threshold puts it
 
 
 def test_threshold_calibration_and_geometry_iou_on_a_known_density(dataset):
@@ -219,6 +230,22 @@ def test_threshold_calibration_and_geometry_iou_on_a_known_density(dataset):
     loose = reconstruction_iou(SignedDistanceVAE(val), val, 30.0)
     assert loose["mean"] < 1.0
     assert loose["mean"] == pytest.approx(calibration["iou_by_threshold"]["30.0"], abs=1e-4)
+
+
+def test_evaluate_vae_only_takes_a_vae_checkpoint(dataset, vae_checkpoint, tmp_path, capsys):
+    import training.evaluate as evaluate
+
+    evaluate.main(["--vae-only", "--ckpt", str(vae_checkpoint), "--data", str(dataset), "--json", str(tmp_path / "e")])
+    result = json.loads((tmp_path / "e").read_text())
+    assert result["geometry"] == "density" and result["val_objects"] >= 1 and 5.0 < result["vae_val_psnr"] < 60.0
+    # A density field is judged at its best threshold: the IoU equals calibration's at that threshold.
+    val = evaluate.MultiViewDataset(str(dataset), "val", 2, 1, 64, "skip")
+    best = evaluate.calibrate_mesh_threshold(load_models(vae_checkpoint).vae, val)
+    assert result["threshold"] == best["threshold"]
+    assert result["vae_val_iou"]["mean"] == pytest.approx(best["iou"], abs=1e-6)
+    assert "VAE geometry IoU" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.main(["--vae-only", "--data", str(dataset)])  # no --ckpt: a usage error
 
 
 def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path, monkeypatch):

@@ -17,6 +17,9 @@
    object (its dataset views) are the condition images of as many generations, with the empty
    prompt; colour and shape are judged as in 2 against the object's own colour and shape, the shape
    best over yaw and size (a centred image shows no absolute size).
+
+`--vae-only` gives 1 alone for any checkpoint with a VAE (`training.vae`'s included), at the field's surface:
+s = 0 for an SDF field, the best density threshold otherwise.
 """
 
 from __future__ import annotations
@@ -99,7 +102,8 @@ def judge(generator: Generator, planes: torch.Tensor, refs: dict[str, np.ndarray
           shapes_ref: dict[str, list[np.ndarray]], colour: str, shape: str) -> dict:
     """Colour and shape of one generated tri-plane [3, C, R, R] against the intended `colour` and `shape`."""
     density, _ = generator.components.field(planes[None], grid_points()[None])
-    occupied = (density[0] > generator.config.renderer.mesh_threshold).numpy()
+    occupied = (density[0] > generator.models.vae.field.surface_density(generator.config.renderer.mesh_threshold)
+                ).numpy()
     scores = {s: max(iou(occupied, occ) for occ in occs) for s, occs in shapes_ref.items()}
     mean_rgb = foreground_colour(generator, planes)
     nearest = None if mean_rgb is None else min(refs, key=lambda c: float(np.linalg.norm(refs[c] - mean_rgb)))
@@ -187,9 +191,10 @@ def calibrate_mesh_threshold(vae, dataset: MultiViewDataset, thresholds=None) ->
 
 
 def reconstruction_iou(vae, dataset: MultiViewDataset, threshold: float) -> dict:
-    """IoU of each held-out reconstruction's {density > threshold} with its exact geometry, by shape:
-    separates what the VAE loses (e.g. cube corners) from what the diffusion model gets wrong."""
-    points = grid_points().numpy()
+    """IoU of each held-out reconstruction's inside (density above the calibrated `threshold`, or s < 0 for an SDF
+    field) with its exact geometry, by shape: separates what the VAE loses (e.g. cube corners) from what the
+    diffusion model gets wrong."""
+    points, threshold = grid_points().numpy(), vae.field.surface_density(threshold)
     by_shape: dict[str, list[float]] = {}
     for spec, density in reconstructed_densities(vae, dataset):
         by_shape.setdefault(spec.shape, []).append(iou(density > threshold, sdf(spec, points) < 0))
@@ -202,12 +207,30 @@ def calibrate_checkpoint(ckpt: str, data: str, seed: int = 0) -> dict:
     """Measure the mesh threshold on held-out objects and store it in the checkpoint's config (atomic rewrite)."""
     models = load_models(ckpt, require=("vae",))
     cfg = models.config
+    if models.vae.field.is_sdf:
+        raise SystemExit(f"error: {ckpt} has an SDF field: its surface is s = 0, there is no threshold to calibrate")
     val = MultiViewDataset(data, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=seed)
     result = calibrate_mesh_threshold(models.vae, val)
     new_cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, mesh_threshold=result["threshold"]))
     components = {name: module for name, module in (("vae", models.vae), ("dit", models.dit)) if module is not None}
     extra = {k: v for k, v in models.metadata.items() if not k.startswith("ln3diff_rt.") and k != "format_version"}
     save_checkpoint(ckpt, new_cfg, components, {**extra, "mesh_threshold_iou": f"{result['iou']:.4f}"})
+    return result
+
+
+def evaluate_vae(ckpt: str, data: str, seed: int = 0) -> dict:
+    """Held-out VAE figures of any checkpoint with a VAE (`training.vae`'s own included): PSNR, and where the
+    objects are procedural the geometry IoU per shape at the surface: s = 0 for an SDF field, for a density field
+    the best threshold (`calibrate_mesh_threshold`, not written back), so fields of either kind compare fairly."""
+    models = load_models(ckpt, require=("vae",))
+    cfg, vae = models.config, models.vae
+    val = MultiViewDataset(data, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=seed)
+    result = {"vae_val_psnr": evaluate_psnr(vae, val, len(val), "cpu"), "val_objects": len(val),
+              "geometry": cfg.renderer.geometry}
+    if val.records and all("ln3diff_synth" in r.meta for r in val.records):
+        threshold = cfg.renderer.mesh_threshold if vae.field.is_sdf else calibrate_mesh_threshold(vae, val)["threshold"]
+        result["vae_val_iou"] = reconstruction_iou(vae, val, threshold)
+        result["threshold"] = vae.field.surface_density(threshold)
     return result
 
 
@@ -225,6 +248,18 @@ def evaluate(ckpt: str | None, data: str, seed: int = 0, steps: int = 8, guidanc
     if image_views:
         result["image_adherence"] = image_adherence(generator, data, seed, steps, guidance, image_views)
     return result
+
+
+def print_vae(result: dict) -> None:
+    print(f"{'metric':<48} {'value':>8} {'chance':>8}")
+    psnr = result['vae_val_psnr']
+    print(f"{'VAE PSNR, held-out views (dB)':<48} {psnr:>8.2f} {'':>8}  ({result['val_objects']} objects)")
+    if "vae_val_iou" in result:
+        geometry = result["vae_val_iou"]
+        where = f"density > {result['threshold']:.3g}" if "threshold" in result else "mesh threshold"
+        print(f"{'VAE geometry IoU, held-out objects':<48} {geometry['mean']:>8.3f} {'':>8}  (32^3, {where})")
+        for shape, value in geometry["per_shape"].items():
+            print(f"  {shape:<46} {value:>8.3f}")
 
 
 def print_adherence(title: str, a: dict) -> None:
@@ -248,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="also measure image adherence: generate from renders of each held-out object (image models)")
     p.add_argument("--image-views", type=int, default=3, help="renders per held-out object with --image")
     p.add_argument("--json", default=None, help="also write the full result (every prompt) here")
+    p.add_argument("--vae-only", action="store_true",
+                   help="only the VAE figures (PSNR, geometry IoU at the surface), of any checkpoint with a VAE: "
+                   "training.vae's vae.safetensors too")
     p.add_argument("--calibrate-threshold", action="store_true",
                    help="only measure the mesh density threshold on held-out objects and write it into --ckpt")
     args = p.parse_args(argv)
@@ -257,19 +295,21 @@ def main(argv: list[str] | None = None) -> None:
         result = calibrate_checkpoint(args.ckpt, args.data, args.seed)
         print(json.dumps(result, indent=1))
         return
+    if args.vae_only:
+        if not args.ckpt:
+            p.error("--vae-only evaluates a given VAE: give it with --ckpt")
+        result = evaluate_vae(args.ckpt, args.data, args.seed)
+        print_vae(result)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1))
+        return
     if args.seeds_per_prompt < 1:
         p.error(f"--seeds-per-prompt {args.seeds_per_prompt}: expected at least 1")
     if args.image_views < 1:
         p.error(f"--image-views {args.image_views}: expected at least 1")
     result = evaluate(args.ckpt, args.data, args.seed, args.steps, args.guidance, args.seeds_per_prompt,
                       args.image_views if args.image else 0)
-    print(f"{'metric':<48} {'value':>8} {'chance':>8}")
-    psnr = result['vae_val_psnr']
-    print(f"{'VAE PSNR, held-out views (dB)':<48} {psnr:>8.2f} {'':>8}  ({result['val_objects']} objects)")
-    geometry = result["vae_val_iou"]
-    print(f"{'VAE geometry IoU, held-out objects':<48} {geometry['mean']:>8.3f} {'':>8}  (32^3, mesh threshold)")
-    for shape, value in geometry["per_shape"].items():
-        print(f"  {shape:<46} {value:>8.3f}")
+    print_vae(result)
     a = result["adherence"]
     print_adherence("prompt", a)
     print(f"({a['prompts']} prompts x {a['seeds_per_prompt']} seeds, {a['steps']} steps, guidance {a['guidance']})")

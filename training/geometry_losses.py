@@ -31,9 +31,9 @@ def depth_loss(depth: torch.Tensor, target: torch.Tensor, weights: torch.Tensor)
     return masked_mean((depth - target).abs(), weights)
 
 
-def field_normals(field: FieldFn, planes: torch.Tensor, points: torch.Tensor, step: float) -> torch.Tensor:
-    """Unit outward normals [B, N, 3] of the field at points [B, N, 3]: the negative density gradient by
-    central differences `step` apart, normalised (0 where the field is flat).
+def field_gradient(scalar, planes: torch.Tensor, points: torch.Tensor, step: float) -> torch.Tensor:
+    """The gradient [B, N, 3] of a scalar field `scalar(planes, points) -> [B, N]` at points [B, N, 3], by central
+    differences `step` apart.
 
     Differences rather than autograd w.r.t. the points: that needs a double backward through the tri-plane
     sampler, which the Triton kernel does not have, and 6 field queries per point cost the same everywhere.
@@ -41,9 +41,21 @@ def field_normals(field: FieldFn, planes: torch.Tensor, points: torch.Tensor, st
     b, n, _ = points.shape
     offsets = step * torch.cat([torch.eye(3), -torch.eye(3)]).to(points)  # [6, 3]: +x, +y, +z, -x, -y, -z
     probes = (points[:, :, None] + offsets).clamp(-1.0, 1.0)  # [B, N, 6, 3]
-    density = field(planes, probes.reshape(b, n * 6, 3))[0].reshape(b, n, 2, 3)
-    gradient = (density[:, :, 0] - density[:, :, 1]) / (2.0 * step)
+    values = scalar(planes, probes.reshape(b, n * 6, 3)).reshape(b, n, 2, 3)
+    return (values[:, :, 0] - values[:, :, 1]) / (2.0 * step)
+
+
+def field_normals(field: FieldFn, planes: torch.Tensor, points: torch.Tensor, step: float) -> torch.Tensor:
+    """Unit outward normals [B, N, 3] of the field at points [B, N, 3]: the negative density gradient by
+    central differences `step` apart (`field_gradient`), normalised (0 where the field is flat)."""
+    gradient = field_gradient(lambda planes, p: field(planes, p)[0], planes, points, step)
     return F.normalize(-gradient, dim=-1, eps=1e-12)
+
+
+def eikonal_loss(gradient: torch.Tensor) -> torch.Tensor:
+    """(|grad s| - 1)^2 averaged over points [B, N, 3]: keeps an SDF field a distance (IGR, VolSDF), so its zero
+    level is where the surface is and its Laplace scale beta means a width in box units."""
+    return (gradient.norm(dim=-1) - 1.0).square().mean()
 
 
 def normal_loss(normals: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ln3diff_rt.cameras import camera_rays
@@ -28,10 +29,10 @@ from ln3diff_rt.checkpoint import save_checkpoint
 from ln3diff_rt.config import ModelConfig, get_preset
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.rendering import render_chunked, render_rays
+from training import geometry_losses as geo
 from training.common import Dist, distributed_teardown, setup_distributed
 from training.data.dataset import MultiViewDataset
 from training.flags import flag, parse_config
-from training.geometry_losses import albedo_loss, depth_loss, field_normals, mask_loss, normal_loss
 from training.loop import Stage, run
 
 
@@ -59,6 +60,12 @@ class VAETrainConfig:
     albedo: bool = flag(False, "give the field an albedo head (unlit base colour for meshes and textures)")
     albedo_weight: float = flag(1.0, "weight of the albedo L1 where the model has the head (--albedo) and the "
                                 "data has albedo; 0 = off")
+    geometry: str = flag("density", "what the field's first output is: a density (LN3Diff's head) or a signed "
+                         "distance that density follows from (VolSDF; meshes cut at its zero level)",
+                         choices=["density", "sdf"])
+    sdf_beta: float = flag(0.05, "initial Laplace scale of an SDF field's density (box units; learned)")
+    eikonal_weight: float = flag(0.1, "weight of the eikonal loss (|grad s| - 1)^2 of an SDF field, at the surface "
+                                 "and at random points; 0 = off")
     eval_every: int = flag(250, "steps between held-out PSNR evals")
     eval_objects: int = flag(16, "held-out objects per eval")
     save_every: float = flag(120.0, "seconds between state saves")
@@ -76,12 +83,15 @@ class VAEObjective(nn.Module):
     """
 
     def __init__(self, vae: TriplaneVAE, kl_weight: float, mask_weight: float, depth_weight: float = 0.0,
-                 normal_weight: float = 0.0, albedo_weight: float = 0.0):
+                 normal_weight: float = 0.0, albedo_weight: float = 0.0, eikonal_weight: float = 0.0):
         super().__init__()
         if albedo_weight and not vae.field.has_albedo:
             raise ValueError(f"albedo_weight={albedo_weight}: the model has no albedo head (RendererConfig.albedo)")
+        if eikonal_weight and not vae.field.is_sdf:
+            raise ValueError(f"eikonal_weight={eikonal_weight}: the field is not an SDF (RendererConfig.geometry)")
         self.vae, self.kl_weight, self.mask_weight = vae, kl_weight, mask_weight
         self.depth_weight, self.normal_weight, self.albedo_weight = depth_weight, normal_weight, albedo_weight
+        self.eikonal_weight = eikonal_weight
         # Differences half a tri-plane texel either side: they span the two bilinear cells around the point.
         self.normal_step = 1.0 / vae.cfg.triplane_resolution
 
@@ -92,22 +102,35 @@ class VAEObjective(nn.Module):
                           perturb=True, generator=generator)
         l1 = (out.rgb - rays["rgb"]).abs().mean()
         kl = self.vae.kl(mean, logvar)
-        parts = {"l1": l1, "mask": mask_loss(out.opacity, rays["mask"]), "kl": kl}
+        parts = {"l1": l1, "mask": geo.mask_loss(out.opacity, rays["mask"]), "kl": kl}
         total = l1 + self.mask_weight * parts["mask"] + self.kl_weight * kl
         surface = rays["mask"] * out.opacity.detach()  # where the object is and the model renders a surface
         points = rays["origins"] + rays["dirs"] * out.depth.detach()[..., None]  # the expected surface point
         if self.depth_weight and "depth" in rays:
-            parts["depth"] = depth_loss(out.depth, rays["depth"], surface * rays["has_depth"])
+            parts["depth"] = geo.depth_loss(out.depth, rays["depth"], surface * rays["has_depth"])
             total = total + self.depth_weight * parts["depth"]
+        field = self.vae.field
+        if field.is_sdf and (self.eikonal_weight or self.normal_weight and "normal" in rays):
+            # One set of differences of s serves both: its gradient is the normal and should have length 1.
+            # The eikonal term also holds at random points, so s stays a distance away from surfaces too.
+            b, n, _ = points.shape
+            anywhere = torch.rand(b, n // 2, 3, generator=generator, device=points.device) * 2.0 - 1.0
+            gradient = geo.field_gradient(field.sdf, planes, torch.cat([points.clamp(-1.0, 1.0), anywhere], 1),
+                                      self.normal_step)
+            normals = F.normalize(gradient[:, :n], dim=-1, eps=1e-12)
+            if self.eikonal_weight:
+                parts["eikonal"] = geo.eikonal_loss(gradient)
+                total = total + self.eikonal_weight * parts["eikonal"]
+        elif self.normal_weight and "normal" in rays:
+            normals = geo.field_normals(field, planes, points, self.normal_step)
         if self.normal_weight and "normal" in rays:
-            normals = field_normals(self.vae.field, planes, points, self.normal_step)
-            parts["normal"] = normal_loss(normals, rays["normal"], surface * rays["has_normal"])
+            parts["normal"] = geo.normal_loss(normals, rays["normal"], surface * rays["has_normal"])
             total = total + self.normal_weight * parts["normal"]
         if self.albedo_weight and "albedo" in rays:
             # At the surface point, not composited along the ray: the renderer composites 3 channels, and base
             # colour is a property of the surface.
             albedo = self.vae.field.albedo(planes, points.clamp(-1.0, 1.0))
-            parts["albedo"] = albedo_loss(albedo, rays["albedo"], rays["mask"], surface * rays["has_albedo"])
+            parts["albedo"] = geo.albedo_loss(albedo, rays["albedo"], rays["mask"], surface * rays["has_albedo"])
             total = total + self.albedo_weight * parts["albedo"]
         return total, {k: v.detach() for k, v in parts.items()}
 
@@ -181,8 +204,10 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     on_error = "raise" if cfg.fail_on_bad_object else "skip"
     size = model_cfg.encoder.image_size
     albedo_weight = cfg.albedo_weight if cfg.albedo else 0.0
-    if cfg.albedo:
-        model_cfg = model_cfg.replace(renderer=dataclasses.replace(model_cfg.renderer, albedo=True))
+    if cfg.albedo or cfg.geometry != model_cfg.renderer.geometry:
+        model_cfg = model_cfg.replace(renderer=dataclasses.replace(model_cfg.renderer, albedo=cfg.albedo,
+                                                                   geometry=cfg.geometry, sdf_beta=cfg.sdf_beta))
+    eikonal_weight = cfg.eikonal_weight if cfg.geometry == "sdf" else 0.0
     channels = [name for name, weight in (("depth", cfg.depth_weight), ("normal", cfg.normal_weight),
                                           ("albedo", albedo_weight)) if weight]
     train_set = MultiViewDataset(cfg.data, "train", input_views, cfg.target_views, size, on_error, cfg.seed,
@@ -211,7 +236,7 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
 
     stage = Stage(name="vae", config=model_cfg, model=vae, state=vae,
                   objective=VAEObjective(vae, cfg.kl_weight, cfg.mask_weight, cfg.depth_weight, cfg.normal_weight,
-                                         albedo_weight),
+                                         albedo_weight, eikonal_weight),
                   optimizer=torch.optim.AdamW(vae.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.0),
                   num_items=len(train_set), batch=batch, finish=finish, evaluate=evaluate if len(val_set) else None,
                   info={"train_objects": len(train_set), "val_objects": len(val_set),

@@ -15,11 +15,10 @@ materialises [N, H]), so the ONNX and TensorRT paths keep the reference form.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ln3diff_rt.conventions import PLANE_AXES
-from ln3diff_rt.models.field import ALBEDO, LIT, TriplaneField
+from ln3diff_rt.models.field import ALBEDO, LIT, TriplaneField, density_of
 
 
 class ProjectedTriplaneField(nn.Module):
@@ -31,11 +30,13 @@ class ProjectedTriplaneField(nn.Module):
         if not (isinstance(first, nn.Linear) and isinstance(act, nn.Softplus) and isinstance(last, nn.Linear)):
             raise ValueError(f"expected the field MLP Linear -> Softplus -> Linear, got {field.mlp}")
         self.first, self.act, self.last = first, act, last
-        self.density_bias, self.has_albedo = field.density_bias, field.has_albedo
+        self.density_bias, self.has_albedo, self.is_sdf = field.density_bias, field.has_albedo, field.is_sdf
+        if field.is_sdf:
+            self.log_beta = field.log_beta
 
     def forward(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raw = self._raw(planes, points)
-        return F.softplus(raw[..., 0] + self.density_bias), torch.sigmoid(raw[..., LIT])
+        return density_of(self, raw[..., 0]), torch.sigmoid(raw[..., LIT])
 
     def albedo(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """planes [1, 3, C, R, R], points [1, N, 3] -> unlit base colour [1, N, 3]."""

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, BinaryIO
 import numpy as np
 from PIL import Image
 
+from ln3diff_rt.gltf import glb_bytes
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import FORMATS, USD_FORMATS
 from ln3diff_rt.usd_export import usd_bytes
@@ -110,12 +111,11 @@ def export_file_name(stem: str, key: str) -> str:
     return f"{stem}_{key}" if key.startswith("LOD") else f"{stem}.{key}"
 
 
-def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: str = "y",
-               reference: MeshResult | None = None) -> trimesh.Trimesh:
-    """A trimesh in metres with +Y up (`up="z"` keeps the world's +Z up, for PLY), sized and placed by
-    `placement` from the bounds of `reference` (default: the mesh itself; the most detailed level, so that every
-    level sits in the same place); `placement=None` keeps the (rotated) world coordinates."""
-    import trimesh  # on first use (~0.5 s of imports): a process that writes no mesh never pays for it
+def placed(mesh: MeshResult, placement: Placement | None = Placement(), up: str = "y",
+           reference: MeshResult | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices and normals [V, 3] float32 in metres with +Y up (`up="z"` keeps the world's +Z up, for PLY), sized
+    and placed by `placement` from the bounds of `reference` (default: the mesh itself; the most detailed level,
+    so that every level sits in the same place); `placement=None` keeps the (rotated) world coordinates."""
     if mesh.empty:
         raise ValueError("the mesh is empty (the field has no surface at the threshold); nothing to export")
     rotation = _Z_UP_TO_Y_UP if up == "y" else np.eye(3)
@@ -132,9 +132,17 @@ def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: 
         if placement.pivot == "bottom":
             anchor[vertical] = lo[vertical]
         vertices = (vertices - anchor) * scale
-    return trimesh.Trimesh(vertices=vertices.astype(np.float32), faces=mesh.faces,
-                           vertex_normals=normals.astype(np.float32), vertex_colors=mesh.vertex_colors,
-                           process=False)
+    return vertices.astype(np.float32), normals.astype(np.float32)
+
+
+def to_trimesh(mesh: MeshResult, placement: Placement | None = Placement(), up: str = "y",
+               reference: MeshResult | None = None) -> trimesh.Trimesh:
+    """The mesh as a trimesh, placed as `placed` places it, with its vertex colours."""
+    import trimesh  # on first use (~0.9 s with scipy): a process that writes only GLB never pays for it
+
+    vertices, normals = placed(mesh, placement, up, reference)
+    return trimesh.Trimesh(vertices=vertices, faces=mesh.faces, vertex_normals=normals,
+                           vertex_colors=mesh.vertex_colors, process=False)
 
 
 def mesh_bytes(mesh: MeshResult, format: str = "glb", placement: Placement | None = Placement(), name: str = "",
@@ -143,33 +151,34 @@ def mesh_bytes(mesh: MeshResult, format: str = "glb", placement: Placement | Non
     """The mesh encoded as one file: GLB, OBJ (vertex colours as `v x y z r g b`, or UVs and `mtllib stem.mtl`),
     binary PLY (vertex colours), USDZ or USDA (texture `stem.png`), the object named `name`; a GLB carries
     `extras` (and the placement) in its scene's extras. A textured `material` needs the mesh's `uvs`."""
-    import trimesh
-
     if format not in FORMATS:
         raise ValueError(f"format={format!r}; expected one of {FORMATS}")
     textured = material.texture is not None and format != "ply"
     if textured and mesh.uvs is None:
         raise ValueError("a textured material needs a mesh with UVs (texturing.unwrap)")
-    tm = to_trimesh(mesh, placement, up="z" if format == "ply" else "y", reference=reference)
     name = name.strip() or "object"
     record = dict(extras or {})
     if placement is not None:
+        frame, _ = placed(reference or mesh, placement)
         record.update(pivot=placement.pivot, size_source=placement.source,
-                      height_m=round(float(to_trimesh(reference or mesh, placement).extents[1]), 4), up="+Y",
-                      units="metres")
+                      height_m=round(float(frame[:, 1].max() - frame[:, 1].min()), 4), up="+Y", units="metres")
+    if format == "glb":
+        vertices, normals = placed(mesh, placement, reference=reference)
+        return glb_bytes(vertices, mesh.faces, normals, name, {"ln3diff": record},
+                         colors=None if textured else mesh.vertex_colors, uvs=mesh.uvs if textured else None,
+                         texture_png=material.png if textured else None, roughness=material.roughness)
     if format in USD_FORMATS:
-        return usd_bytes(format, tm.vertices, tm.faces, tm.vertex_normals, mesh.vertex_colors,
+        vertices, normals = placed(mesh, placement, reference=reference)
+        return usd_bytes(format, vertices, mesh.faces, normals, mesh.vertex_colors,
                          mesh.uvs if textured else None, material.png if textured else None, f"{stem}.png", name,
                          material.roughness, record)
+    import trimesh
+
+    tm = to_trimesh(mesh, placement, up="z" if format == "ply" else "y", reference=reference)
     if textured:
         tm.visual = trimesh.visual.TextureVisuals(uv=mesh.uvs, material=trimesh.visual.material.PBRMaterial(
-            name=stem if format == "obj" else name, baseColorTexture=Image.fromarray(material.texture),
+            name=stem, baseColorTexture=Image.fromarray(material.texture),
             metallicFactor=0.0, roughnessFactor=float(material.roughness)))
-    if format == "glb":
-        scene = trimesh.Scene()
-        scene.add_geometry(tm, geom_name=name, node_name=name)
-        scene.metadata["ln3diff"] = record
-        return trimesh.exchange.gltf.export_glb(scene, include_normals=True)
     if format == "obj":
         if textured:  # trimesh's own MTL would tint the texture (Kd 0.4) and name the PNG after the material
             text, _ = trimesh.exchange.obj.export_obj(tm, include_normals=True, include_texture=True,

@@ -246,14 +246,16 @@ def test_bert_weights_checked_by_name(tmp_path):
 
 
 def test_shipped_model_generates_without_transformers():
-    """A process that generates from the shipped model never imports transformers (~2 s of a cold start)."""
+    """A process that generates from the shipped model never imports transformers (~2 s of a cold start), nor
+    trimesh and scipy (~0.9 s) where it writes a vertex-coloured GLB."""
     import subprocess
     import sys
 
     code = ("import sys; from ln3diff_rt.pipeline import Generator; from ln3diff_rt.runner import Request, run; "
             "gen = Generator.from_checkpoint(); options = gen.default_options().replace(preview_views=0, texture=0, "
-            "mesh_resolution=48); (r,) = run(gen, [Request('a red cube', 0, options, ('glb',))]); "
+            "mesh_resolution=48, faces=500); (r,) = run(gen, [Request('a red cube', 0, options, ('glb',))]); "
             "assert r.exports, 'no GLB'; "
-            "print(sorted(m for m in ('transformers', 'torch._dynamo') if m in sys.modules))")
+            "assert len(r.mesh.faces) <= 500, 'not decimated'; "
+            "print(sorted(m for m in ('transformers', 'torch._dynamo', 'trimesh', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -248,6 +248,19 @@ def test_evaluate_vae_only_takes_a_vae_checkpoint(dataset, vae_checkpoint, tmp_p
         evaluate.main(["--vae-only", "--data", str(dataset)])  # no --ckpt: a usage error
 
 
+def test_evaluate_object_renders_every_held_out_view(dataset, vae_checkpoint, tmp_path, capsys):
+    import training.evaluate as evaluate
+
+    folder = sorted((dataset / "val").iterdir())[0]
+    evaluate.main(["--object", str(folder), "--ckpt", str(vae_checkpoint), "--json", str(tmp_path / "o")])
+    result = json.loads((tmp_path / "o").read_text())
+    inputs = load_models(vae_checkpoint).config.encoder.num_views
+    assert result["input_views"] == inputs and result["held_out_views"] == 8 - inputs  # the fixture's 8 views
+    assert 5.0 < result["psnr"] < 60.0 and f"{result['psnr']:.2f} dB" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", str(vae_checkpoint)])  # neither --data nor --object
+
+
 def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path, monkeypatch):
     import training.evaluate as evaluate
 

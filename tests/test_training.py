@@ -261,6 +261,24 @@ def test_evaluate_object_renders_every_held_out_view(dataset, vae_checkpoint, tm
         evaluate.main(["--ckpt", str(vae_checkpoint)])  # neither --data nor --object
 
 
+def test_mesh_figures_count_a_torus_hole_and_the_asset_colour():
+    from ln3diff_rt.meshing import extract_mesh
+    from training.evaluate import mesh_figures
+
+    def torus(p):  # ring radius 0.5, tube 0.2, plus a separate ball: genus 1 + 0
+        ring = torch.stack([p[:, :2].norm(dim=1) - 0.5, p[:, 2]], 1).norm(dim=1) - 0.2
+        ball = (p - torch.tensor([0.0, 0.0, 0.75])).norm(dim=1) - 0.12
+        return 50.0 * -torch.minimum(ring, ball)
+
+    colour = lambda p: torch.tensor([0.85, 0.12, 0.10]).expand(len(p), 3)  # noqa: E731  red's albedo
+    mesh = extract_mesh(torus, 61, threshold=0.0, color_fn=colour, coarse_resolution=61)
+    figures = mesh_figures(mesh, "red")
+    assert figures["genus"] == 1 and figures["asset_colour_error"] < 1.0
+    assert mesh_figures(mesh, "white")["asset_colour_error"] > 200.0
+    ball = extract_mesh(lambda p: 50.0 * (0.4 - p.norm(dim=1)), 41, threshold=0.0, color_fn=colour)
+    assert mesh_figures(ball, "red")["genus"] == 0
+
+
 def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path, monkeypatch):
     import training.evaluate as evaluate
 
@@ -282,6 +300,10 @@ def test_evaluate_command_writes_every_metric(dataset, vae_checkpoint, tmp_path,
     assert adherence["colour_accuracy"] == pytest.approx(sum(r["predicted_colour"] == r["colour"] for r in rows) / 8)
     per_shape = {s: sum(r["predicted_shape"] == s for r in rows if r["shape"] == s) / 4 for s in ("sphere", "cube")}
     assert adherence["shape_accuracy_per_shape"] == pytest.approx(per_shape)
+    # The assets' colour figure is the rows' (mean vertex colour within 40 of the named albedo); no torus, no hole.
+    within = [r["asset_colour_error"] is not None and r["asset_colour_error"] <= 40 for r in rows]
+    assert adherence["asset_colour_within"] == pytest.approx(sum(within) / 8) and "tori_with_hole" not in adherence
+    assert all(r["genus"] is None or r["genus"] >= 0 for r in rows)
     # The VAE figures cover every held-out object, at the checkpoint's mesh threshold.
     from training.data.dataset import MultiViewDataset
 

@@ -12,7 +12,9 @@
      named one (chance 1/10);
    - shape: its occupancy (density above the mesh threshold on a 32^3 grid) is compared by IoU
      with every primitive's exact occupancy at that size, best over yaw; correct when the named
-     primitive has the highest IoU (chance 1/9).
+     primitive has the highest IoU (chance 1/9);
+   - the asset, as an engine gets it (the mesh at 96^3 with vertex colours): its mean vertex colour within 40
+     (RGB, 0-255) of the named colour's albedo, and for tori whether the mesh has the hole (genus >= 1).
 3. Image adherence (`--image`, image-conditioned models): `--image-views` renders of every held-out
    object (its dataset views) are the condition images of as many generations, with the empty
    prompt; colour and shape are judged as in 2 against the object's own colour and shape, the shape
@@ -36,6 +38,7 @@ import torch
 from kernels.occupancy import cell_centres
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.checkpoint import load_models, save_checkpoint
+from ln3diff_rt.meshing import vertex_components
 from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT, Generator
 from ln3diff_rt.rendering import render_chunked
@@ -113,6 +116,24 @@ def judge(generator: Generator, planes: torch.Tensor, refs: dict[str, np.ndarray
             "occupied_voxels": int(occupied.sum())}
 
 
+ASSET_COLOUR_TOLERANCE = 40.0  # RGB distance (0-255) of an asset's mean vertex colour from the named albedo
+
+
+def mesh_figures(mesh, colour: str) -> dict:
+    """What an engine gets, from the extracted mesh: its mean vertex colour against the named colour's albedo (RGB
+    0-255; the asset colour: albedo where the model has the head, else the lit colour) and its genus, summed over
+    its connected components (V - E + F = 2 (components - genus) for closed surfaces: a torus with its hole is 1)."""
+    if mesh is None or mesh.empty:
+        return {"asset_rgb": None, "asset_colour_error": None, "genus": None}
+    rgb = mesh.vertex_colors[:, :3].astype(np.float64).mean(axis=0)
+    edges = np.sort(np.concatenate([mesh.faces[:, [0, 1]], mesh.faces[:, [1, 2]], mesh.faces[:, [2, 0]]]), axis=1)
+    euler = len(mesh.vertices) - len(np.unique(edges, axis=0)) + len(mesh.faces)
+    components = len(np.unique(vertex_components(len(mesh.vertices), edges)))
+    return {"asset_rgb": [round(float(c), 1) for c in rgb],
+            "asset_colour_error": round(float(np.linalg.norm(rgb - 255.0 * np.asarray(COLOURS[colour]))), 1),
+            "genus": int(round(components - euler / 2))}
+
+
 def summarise(rows: list[dict]) -> dict:
     """Colour and shape accuracy over `rows` (judge's records), and the shape accuracy per intended shape."""
     shapes = [s for s in SHAPES if any(r["shape"] == s for r in rows)]
@@ -121,7 +142,26 @@ def summarise(rows: list[dict]) -> dict:
             "shape_accuracy": float(np.mean([r["predicted_shape"] == r["shape"] for r in rows])),
             "shape_chance": 1 / len(SHAPES),
             "shape_accuracy_per_shape": {s: float(np.mean([r["predicted_shape"] == s for r in rows if r["shape"] == s]))
-                                         for s in shapes}}
+                                         for s in shapes},
+            **asset_summary(rows)}
+
+
+def asset_summary(rows: list[dict]) -> dict:
+    """Over rows judged with their meshes: the share whose asset colour is within ASSET_COLOUR_TOLERANCE of the
+    named albedo (overall and per colour), and the share of tori with a hole (genus >= 1)."""
+    meshed = [r for r in rows if "asset_colour_error" in r]
+    if not meshed:
+        return {}
+
+    def close(r: dict) -> bool:
+        return r["asset_colour_error"] is not None and r["asset_colour_error"] <= ASSET_COLOUR_TOLERANCE
+
+    colours = [c for c in COLOURS if any(r["colour"] == c for r in meshed)]
+    tori = [r for r in meshed if r["shape"] == "torus"]
+    return {"asset_colour_within": float(np.mean([close(r) for r in meshed])),
+            "asset_colour_within_per_colour": {c: float(np.mean([close(r) for r in meshed if r["colour"] == c]))
+                                               for c in colours},
+            **({"tori_with_hole": float(np.mean([(r["genus"] or 0) >= 1 for r in tori]))} if tori else {})}
 
 
 def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int = 8, guidance: float = 3.0,
@@ -130,11 +170,14 @@ def prompt_adherence(generator: Generator, data: str, seed: int = 0, steps: int 
     shapes_ref = primitive_occupancies("medium")
     prompts = [(c, s) for s in SHAPES for c in COLOURS] * seeds_per_prompt
     texts = [f"a medium {c} {s}" for c, s in prompts]
-    options = GenerationOptions(steps=steps, guidance=guidance, preview_views=0)
-    requests = [Request(text, seed + i, options, mesh=False) for i, text in enumerate(texts)]
-    planes = torch.stack([result.triplane for result in run(generator, requests)])
-    rows = [{"prompt": texts[i], "seed": seed + i, **judge(generator, planes[i], refs, shapes_ref, colour, shape)}
-            for i, (colour, shape) in enumerate(prompts)]
+    # Meshes as an engine would get them, at a resolution that resolves a torus's hole, undecimated, vertex colours.
+    options = GenerationOptions(steps=steps, guidance=guidance, preview_views=0, mesh_resolution=96, faces=0,
+                                texture=0)
+    requests = [Request(text, seed + i, options) for i, text in enumerate(texts)]
+    results = list(run(generator, requests))
+    rows = [{"prompt": texts[i], "seed": seed + i,
+             **judge(generator, results[i].triplane, refs, shapes_ref, colour, shape),
+             **mesh_figures(results[i].mesh, colour)} for i, (colour, shape) in enumerate(prompts)]
     return {"prompts": len(rows) // seeds_per_prompt, "seeds_per_prompt": seeds_per_prompt, **summarise(rows),
             "steps": steps, "guidance": guidance, "rows": rows}
 
@@ -290,6 +333,17 @@ def print_vae(result: dict) -> None:
             print(f"  {shape:<46} {value:>8.3f}")
 
 
+def print_assets(a: dict) -> None:
+    if "asset_colour_within" not in a:
+        return
+    print(f"{f'asset colour within {ASSET_COLOUR_TOLERANCE:.0f} of the named albedo':<48} "
+          f"{a['asset_colour_within']:>8.1%}")
+    for colour, share in a["asset_colour_within_per_colour"].items():
+        print(f"  {colour:<46} {share:>8.1%}")
+    if "tori_with_hole" in a:
+        print(f"{'tori with a hole (mesh genus >= 1)':<48} {a['tori_with_hole']:>8.1%}")
+
+
 def print_adherence(title: str, a: dict) -> None:
     print(f"{title + ': colour nearest the intended one':<48} {a['colour_accuracy']:>8.1%} {a['colour_chance']:>8.1%}")
     print(f"{title + ': shape nearest the intended one':<48} {a['shape_accuracy']:>8.1%} {a['shape_chance']:>8.1%}")
@@ -352,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     print_vae(result)
     a = result["adherence"]
     print_adherence("prompt", a)
+    print_assets(a)
     print(f"({a['prompts']} prompts x {a['seeds_per_prompt']} seeds, {a['steps']} steps, guidance {a['guidance']})")
     if "image_adherence" in result:
         a = result["image_adherence"]

@@ -29,9 +29,7 @@ from ln3diff_rt.runner import Request, run  # noqa: E402
 
 
 def compare_extraction(gen: Generator, planes, resolution: int) -> dict:
-    query = gen.field_fn(planes)
-    density = lambda points: query(points)[0]  # noqa: E731
-    threshold = gen.config.renderer.mesh_threshold
+    density, threshold = gen.surface_fn(planes)
     runs = {}
     for name, coarse in (("coarse_to_fine", None), ("dense", resolution)):
         start = time.perf_counter()

@@ -63,9 +63,10 @@ def model_field(ckpt: str | None) -> dict:
     gen = Generator.from_checkpoint(ckpt)
     planes = next(run(gen, [Request(PROMPT, SEED, GenerationOptions(preview_views=0), mesh=False)])).triplane
     query = gen.field_fn(planes)
+    surface, level = gen.surface_fn(planes)
     name = Path(ckpt).name if ckpt else "shipped model"
-    return {"case": f"{name}: '{PROMPT}'", "density_fn": lambda p: query(p)[0], "color_fn": lambda p: query(p)[1],
-            "threshold": gen.config.renderer.mesh_threshold, "chunk": FIELD_CHUNK}
+    return {"case": f"{name}: '{PROMPT}'", "density_fn": surface, "color_fn": lambda p: query(p)[1],
+            "threshold": level, "chunk": FIELD_CHUNK}
 
 
 def timed(field: dict, resolution: int, coarse_resolution: int | None):

@@ -282,16 +282,23 @@ class Generator:
 
         return query
 
+    def surface_fn(self, planes: torch.Tensor, field: FieldFn | None = None
+                   ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
+        """(points [N, 3] -> the scalar marching cubes cuts [N], its level) for one tri-plane [3, C, R, R]: the
+        density at the calibrated threshold, or an SDF field's -s at 0 (recovered from any engine's density)."""
+        density, own = self.field_fn(planes, field, lit=True), self.models.vae.field
+        level = own.mesh_level(torch.tensor(own.surface_density(self.config.renderer.mesh_threshold)))
+        return (lambda points: own.mesh_level(density(points)[0])), float(level)
+
     @torch.no_grad()
     def extract_mesh(self, planes: torch.Tensor, options: GenerationOptions, field: FieldFn | None = None
                      ) -> MeshResult:
         """Coarse-to-fine marching cubes of one tri-plane [3, C, R, R]; `field` may wrap the components' field.
         Vertex colours are the asset colour (`field_fn`)."""
-        density, colour = self.field_fn(planes, field, lit=True), self.field_fn(planes, field)
-        own = self.models.vae.field  # an SDF field is cut at s = 0, recovered from any engine's density
-        level = own.mesh_level(torch.tensor(own.surface_density(self.config.renderer.mesh_threshold)))
-        return extract_mesh(lambda p: own.mesh_level(density(p)[0]), resolution=options.mesh_resolution,
-                            threshold=float(level), color_fn=lambda p: colour(p)[1],
+        surface, level = self.surface_fn(planes, field)
+        colour = self.field_fn(planes, field)
+        return extract_mesh(surface, resolution=options.mesh_resolution, threshold=level,
+                            color_fn=lambda p: colour(p)[1],
                             faces=options.faces or None, min_component_fraction=0.01, chunk=FIELD_CHUNK)
 
     @torch.no_grad()

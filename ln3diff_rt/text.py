@@ -187,9 +187,6 @@ class PromptTokenizer:
         if fast:
             from tokenizers import Tokenizer
 
-            self._count = Tokenizer.from_file(str(path / "tokenizer.json"))
-            self._count.no_padding()
-            self._count.no_truncation()
             self._batch = Tokenizer.from_file(str(path / "tokenizer.json"))
             pad = self._batch.padding or {"pad_id": self._batch.token_to_id("[PAD]"), "pad_token": "[PAD]"}
             self._batch.enable_truncation(max_length)
@@ -214,7 +211,13 @@ class PromptTokenizer:
         """The number of tokens of `prompt`, special tokens included, before truncation."""
         if self._hf is not None:
             return len(self._hf(prompt)["input_ids"])
-        return len(self._count.encode(prompt).ids)
+        # The pipeline's stages by hand, on the one tokenizer: encode() truncates, and switching truncation off
+        # and on around it would race with a server's other threads.
+        tok = self._batch
+        text = tok.normalizer.normalize_str(prompt) if tok.normalizer else prompt
+        words = tok.pre_tokenizer.pre_tokenize_str(text) if tok.pre_tokenizer else [(text, None)]
+        specials = tok.post_processor.num_special_tokens_to_add(False) if tok.post_processor else 0
+        return sum(len(tok.model.tokenize(word)) for word, _ in words) + specials
 
 
 def text_features(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

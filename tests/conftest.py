@@ -7,6 +7,7 @@ tests that do not launch Triton kernels.
 """
 
 import contextlib
+import dataclasses
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -92,33 +93,50 @@ def random_tiny_checkpoint(tmp_path_factory) -> Path:
     return random_checkpoint(tmp_path_factory.mktemp("random-tiny") / "tiny.safetensors")
 
 
-@pytest.fixture(scope="session")
-def cube_checkpoint(tmp_path_factory) -> Path:
+def save_cube_checkpoint(path: Path, density_weight: float, density_bias: float, renderer: dict | None = None,
+                         colour_bias: list[float] | None = None) -> Path:
     """The tiny preset with random weights, except that the decoder's last conv gives a near-constant tri-plane
-    and the field turns its summed feature into density: 14.5 inside the box, below the threshold of 10 within
-    half a texel of its faces. So every seed gives a rounded cube filling the box: a surface to mesh, export and
-    render, which is all serving needs."""
+    (channel 0 ~ 1, the rest small and latent-dependent) and the field's first output is density_weight x
+    softplus(summed feature 0) + density_bias, so that the three planes overlapping inside the box make a
+    rounded cube. `renderer` replaces RendererConfig fields (the field is rebuilt to match) and `colour_bias`
+    sets the other outputs to constants (their weights zero); else they keep their random weights."""
     from ln3diff_rt.checkpoint import save_checkpoint
     from ln3diff_rt.config import get_preset
+    from ln3diff_rt.models.field import TriplaneField
     from ln3diff_rt.random_weights import random_models
 
+    cfg = get_preset("tiny")
     models = random_models("tiny", seed=0)
     vae = models.vae
+    if renderer:
+        cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, **renderer))
+        vae.field, vae.cfg = TriplaneField(cfg.decoder.triplane_channels, cfg.renderer), cfg
     with torch.no_grad():
-        out = vae.decoder.upsampler.out  # planes ~ channel 0 = 1, small latent-dependent rest
+        out = vae.decoder.upsampler.out
         out.weight.mul_(0.01)
         out.bias.zero_()
         out.bias[0] = 1.0
-        mlp = vae.field.mlp  # sigma = 10 softplus(feature 0) - 15: ~14.5 inside, ~5 on the box faces
-        mlp[0].weight.zero_()
-        mlp[0].weight[:, 0] = 1.0
-        mlp[0].bias.zero_()
-        mlp[2].weight[0].zero_()
-        mlp[2].weight[0, 0] = 10.0
-        mlp[2].bias[0] = -15.0
-    path = tmp_path_factory.mktemp("cube") / "tiny-cube.safetensors"
-    save_checkpoint(path, get_preset("tiny"), {"vae": vae, "dit": models.dit})  # the preset's threshold of 10
+        first, last = vae.field.mlp[0], vae.field.mlp[2]
+        first.weight.zero_()
+        first.weight[:, 0] = 1.0
+        first.bias.zero_()
+        if colour_bias is None:
+            last.weight[0].zero_()
+        else:
+            last.weight.zero_()
+            last.bias[1:] = torch.tensor(colour_bias)
+        last.weight[0, 0] = density_weight
+        last.bias[0] = density_bias
+    save_checkpoint(path, cfg, {"vae": vae, "dit": models.dit})
     return path
+
+
+@pytest.fixture(scope="session")
+def cube_checkpoint(tmp_path_factory) -> Path:
+    """A rounded cube filling the box for every seed (`save_cube_checkpoint`): sigma = 10 softplus(feature 0) - 15,
+    ~14.5 inside the box, below the preset's threshold of 10 within half a texel of its faces: a surface to mesh,
+    export and render, which is all serving needs."""
+    return save_cube_checkpoint(tmp_path_factory.mktemp("cube") / "tiny-cube.safetensors", 10.0, -15.0)
 
 
 def max_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,6 +1,5 @@
 """The field's albedo head (issue 18, item 5): assets carry the unlit base colour, previews the lit colour."""
 
-import dataclasses
 import io
 import json
 
@@ -8,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from conftest import vae_interrupted_at
+from conftest import save_cube_checkpoint, vae_interrupted_at
 
 import training.vae as vae_training
-from ln3diff_rt.checkpoint import load_models, save_checkpoint
+from ln3diff_rt.checkpoint import load_models
 from ln3diff_rt.config import ModelConfig, RendererConfig, get_preset
 from ln3diff_rt.models.field import TriplaneField
 from ln3diff_rt.models.projected_field import ProjectedTriplaneField
@@ -54,28 +53,10 @@ def test_albedo_head_is_three_more_outputs_and_the_projected_form_matches():
 
 @pytest.fixture(scope="module")
 def red_lit_green_albedo(tmp_path_factory):
-    """The tests' cube (conftest `cube_checkpoint`'s recipe) with an albedo head: lit colour red, albedo green."""
-    cfg = get_preset("tiny")
-    cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, albedo=True))
-    models = random_models("tiny", seed=0)
-    vae = models.vae
-    field = TriplaneField(cfg.decoder.triplane_channels, cfg.renderer)
-    with torch.no_grad():
-        out = vae.decoder.upsampler.out
-        out.weight.mul_(0.01)
-        out.bias.zero_()
-        out.bias[0] = 1.0
-        first, last = field.mlp[0], field.mlp[2]
-        first.weight.zero_()
-        first.weight[:, 0] = 1.0
-        first.bias.zero_()
-        last.weight.zero_()
-        last.weight[0, 0] = 10.0
-        last.bias.copy_(torch.tensor([-15.0, *(20.0 * torch.tensor(RED) - 10.0), *(20.0 * torch.tensor(GREEN) - 10.0)]))
-    vae.field, vae.cfg = field, cfg
-    path = tmp_path_factory.mktemp("albedo") / "albedo-cube.safetensors"
-    save_checkpoint(path, cfg, {"vae": vae, "dit": models.dit})
-    return path
+    """The tests' cube with an albedo head: lit colour red, albedo green."""
+    colours = [*(20.0 * torch.tensor(RED) - 10.0), *(20.0 * torch.tensor(GREEN) - 10.0)]
+    return save_cube_checkpoint(tmp_path_factory.mktemp("albedo") / "albedo-cube.safetensors", 10.0, -15.0,
+                                {"albedo": True}, colours)
 
 
 def test_meshes_and_textures_carry_the_albedo_and_previews_the_lit_colour(red_lit_green_albedo):

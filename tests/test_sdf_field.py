@@ -1,6 +1,5 @@
 """The SDF field (issue 18, item 4): density follows a signed distance (VolSDF) and meshes are cut at its zero level."""
 
-import dataclasses
 import io
 import json
 
@@ -8,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import trimesh
-from conftest import vae_interrupted_at
+from conftest import save_cube_checkpoint, vae_interrupted_at
 from scipy.spatial import cKDTree
 
 import training.vae as vae_training
-from ln3diff_rt.checkpoint import load_models, save_checkpoint
+from ln3diff_rt.checkpoint import load_models
 from ln3diff_rt.config import ModelConfig, RendererConfig, get_preset
 from ln3diff_rt.meshing import extract_mesh
 from ln3diff_rt.models.field import TriplaneField, sdf_density, sdf_of_density
@@ -113,28 +112,10 @@ def test_eikonal_loss_is_zero_for_a_distance():
 
 @pytest.fixture(scope="module")
 def sdf_cube(tmp_path_factory):
-    """The tests' cube (conftest `cube_checkpoint`'s recipe: the decoder's planes ~1 in channel 0) as an SDF field."""
-    cfg = get_preset("tiny")
-    cfg = cfg.replace(renderer=dataclasses.replace(cfg.renderer, geometry="sdf", sdf_beta=0.02))
-    models = random_models("tiny", seed=0)
-    vae = models.vae
-    field = TriplaneField(cfg.decoder.triplane_channels, cfg.renderer)
-    with torch.no_grad():
-        out = vae.decoder.upsampler.out
-        out.weight.mul_(0.01)
-        out.bias.zero_()
-        out.bias[0] = 1.0
-        first, last = field.mlp[0], field.mlp[2]
-        first.weight.zero_()
-        first.weight[:, 0] = 1.0
-        first.bias.zero_()
-        last.weight.zero_()
-        last.weight[0, 0] = -0.5  # s falls as the summed feature rises: inside where the three planes overlap
-        last.bias.copy_(torch.tensor([1.3, 2.0, -3.0, -3.0]))  # s = 0 inside the box's faces
-    vae.field, vae.cfg = field, cfg
-    path = tmp_path_factory.mktemp("sdf") / "sdf-cube.safetensors"
-    save_checkpoint(path, cfg, {"vae": vae, "dit": models.dit})
-    return path
+    """The tests' cube as an SDF field: s = 1.3 - 0.5 softplus(feature 0), negative where the three planes overlap,
+    zero inside the box's faces."""
+    return save_cube_checkpoint(tmp_path_factory.mktemp("sdf") / "sdf-cube.safetensors", -0.5, 1.3,
+                                {"geometry": "sdf", "sdf_beta": 0.02}, [2.0, -3.0, -3.0])
 
 
 def test_an_sdf_checkpoint_loads_and_generates_a_closed_mesh(sdf_cube):

@@ -314,3 +314,32 @@ def vae_interrupted_at(monkeypatch, step: int):
         yield
     finally:
         monkeypatch.setattr(vae_training, "collate", real)
+
+
+def vae_resumes_exactly(monkeypatch, config_for, interrupt_at: int = 2) -> tuple[Path, list[dict]]:
+    """Train the VAE straight, and again interrupted at step `interrupt_at` then resumed (`config_for(name,
+    resume)` gives each run's VAETrainConfig, `name` its own folder); checks that the resumed run logged the same
+    steps, losses, gradients and learning rates and ended with the same weights. Returns the straight run's
+    checkpoint and its train records."""
+    import json
+
+    import training.vae as vae_training
+    from ln3diff_rt.checkpoint import load_models
+
+    straight = vae_training.train(config_for("straight", False))
+    with vae_interrupted_at(monkeypatch, interrupt_at), pytest.raises(KeyboardInterrupt):
+        vae_training.train(config_for("resumed", False))
+    resumed = vae_training.train(config_for("resumed", True))
+
+    def train_records(checkpoint: Path) -> list[dict]:
+        lines = map(json.loads, (checkpoint.parent / "log.jsonl").read_text().splitlines())
+        return [{k: v for k, v in r.items() if k not in ("time", "steps_per_s")} for r in lines
+                if r["event"] == "train"]
+
+    log = train_records(straight)
+    assert log and train_records(resumed) == log
+    a, b = load_models(straight).vae.state_dict(), load_models(resumed).vae.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    return straight, log

@@ -180,3 +180,8 @@ def test_paper_shape_on_gpu():
     want = composite_rays_ref(*inputs)
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, atol=T_MIN * 4 + 1e-5, rtol=0)
+    for dtype, tol in ((torch.float16, 2e-3), (torch.bfloat16, 2e-2)):  # test_forward_low_precision's bounds
+        low = composite_rays(*(x.to(dtype) for x in inputs))
+        for g, w in zip(low, want, strict=True):
+            assert g.dtype == dtype
+            torch.testing.assert_close(g.float(), w, atol=tol * 4, rtol=tol)

@@ -106,6 +106,10 @@ def test_paper_shape_on_gpu():
     out = triplane_sample(planes, points)
     ref = triplane_sample_ref(planes, points)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
+    for dtype in (torch.float16, torch.bfloat16):  # the engines' half-precision tri-planes, fp32 points
+        low = triplane_sample(planes.detach().to(dtype), points.detach())
+        assert low.dtype == dtype
+        torch.testing.assert_close(low.float(), ref.detach(), atol=TOL[dtype], rtol=TOL[dtype])
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (planes, points), grad)
     want = torch.autograd.grad(ref, (planes, points), grad)

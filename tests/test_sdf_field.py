@@ -150,3 +150,21 @@ def test_vae_trains_an_sdf_field_logs_the_eikonal_loss_and_resumes_exactly(tmp_p
     assert model.config.renderer.geometry == "sdf" and model.vae.field.beta != pytest.approx(0.03)  # beta is learned
     with pytest.raises(ValueError, match="not an SDF"):
         vae_training.VAEObjective(random_models("tiny").vae, 1e-5, 0.5, eikonal_weight=0.1)
+
+
+def test_an_onnx_field_engine_meshes_the_sdf_surface_as_eager(sdf_cube, tmp_path):
+    """Engines return density only: the mesh cut at s = 0 recovered from the ONNX field's density is eager's."""
+    from conftest import TOLERANCES
+
+    from export.build_engine import build_engine
+
+    manifest = build_engine(sdf_cube, tmp_path / "engine", "onnx", components=("field",), progress=False)
+    [field] = [e for e in manifest.components if e.component == "field"]
+    # Densities reach 1 / beta = 50, not ~1 as a density field's: the float32 tolerance scales with them.
+    assert field.backend == "onnx" and max(field.max_abs_error.values()) < TOLERANCES["field"] / 0.02
+    options = GenerationOptions(steps=1, mesh_resolution=29, faces=0, preview_views=0, texture=0)
+    meshes = [next(run(Generator.from_checkpoint(sdf_cube, backend=b, engine_dir=tmp_path / "engine"),
+                       [Request("a cube", 2, options)])).mesh for b in ("eager", "onnx")]
+    assert len(meshes[0].faces) > 100 and len(meshes[1].faces) == len(meshes[0].faces)
+    gap, _ = cKDTree(meshes[0].vertices).query(meshes[1].vertices)
+    assert gap.max() < 1e-3 * 2.0 / 28

@@ -157,24 +157,25 @@ def mesh_bytes(mesh: MeshResult, format: str = "glb", placement: Placement | Non
     if textured and mesh.uvs is None:
         raise ValueError("a textured material needs a mesh with UVs (texturing.unwrap)")
     name = name.strip() or "object"
+    up = "z" if format == "ply" else "y"
+    vertices, normals = placed(mesh, placement, up, reference)
     record = dict(extras or {})
     if placement is not None:
-        frame, _ = placed(reference or mesh, placement)
+        frame = vertices if reference is None and up == "y" else placed(reference or mesh, placement)[0]
         record.update(pivot=placement.pivot, size_source=placement.source,
                       height_m=round(float(frame[:, 1].max() - frame[:, 1].min()), 4), up="+Y", units="metres")
     if format == "glb":
-        vertices, normals = placed(mesh, placement, reference=reference)
         return glb_bytes(vertices, mesh.faces, normals, name, {"ln3diff": record},
                          colors=None if textured else mesh.vertex_colors, uvs=mesh.uvs if textured else None,
                          texture_png=material.png if textured else None, roughness=material.roughness)
     if format in USD_FORMATS:
-        vertices, normals = placed(mesh, placement, reference=reference)
         return usd_bytes(format, vertices, mesh.faces, normals, mesh.vertex_colors,
                          mesh.uvs if textured else None, material.png if textured else None, f"{stem}.png", name,
                          material.roughness, record)
     import trimesh
 
-    tm = to_trimesh(mesh, placement, up="z" if format == "ply" else "y", reference=reference)
+    tm = trimesh.Trimesh(vertices=vertices, faces=mesh.faces, vertex_normals=normals,
+                         vertex_colors=mesh.vertex_colors, process=False)
     if textured:
         tm.visual = trimesh.visual.TextureVisuals(uv=mesh.uvs, material=trimesh.visual.material.PBRMaterial(
             name=stem, baseColorTexture=Image.fromarray(material.texture),

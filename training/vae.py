@@ -115,8 +115,8 @@ class VAEObjective(nn.Module):
             # The eikonal term also holds at random points, so s stays a distance away from surfaces too.
             b, n, _ = points.shape
             anywhere = torch.rand(b, n // 2, 3, generator=generator, device=points.device) * 2.0 - 1.0
-            gradient = geo.field_gradient(field.sdf, planes, torch.cat([points.clamp(-1.0, 1.0), anywhere], 1),
-                                      self.normal_step)
+            probes = torch.cat([points.clamp(-1.0, 1.0), anywhere], 1)
+            gradient = geo.field_gradient(field.sdf, planes, probes, self.normal_step)
             normals = F.normalize(gradient[:, :n], dim=-1, eps=1e-12)
             if self.eikonal_weight:
                 parts["eikonal"] = geo.eikonal_loss(gradient)

@@ -38,7 +38,23 @@ def sdf_of_density(density: torch.Tensor, beta: float) -> torch.Tensor:
     return torch.where(p < 0.5, -beta * torch.log(2.0 * p), beta * torch.log(2.0 - 2.0 * p))
 
 
-class TriplaneField(nn.Module):
+class DensitySurface:
+    """Where a density field's surface is, for meshing and evaluation (the official field's too): density above the
+    calibrated threshold. `TriplaneField` overrides both for SDF fields."""
+
+    is_sdf = False
+
+    def surface_density(self, threshold: float) -> float:
+        """The density on the surface: the calibrated `threshold` (RendererConfig.mesh_threshold).
+        `density > surface_density` is what counts as inside."""
+        return threshold
+
+    def mesh_level(self, density: torch.Tensor) -> torch.Tensor:
+        """The scalar marching cubes cuts at `mesh_level(surface_density)`, from density: the density itself."""
+        return density
+
+
+class TriplaneField(DensitySurface, nn.Module):
     """Density and colour of a tri-plane at points in [-1, 1]^3 (and the albedo, with `has_albedo`)."""
 
     def __init__(self, triplane_channels: int, cfg: RendererConfig):
@@ -75,13 +91,12 @@ class TriplaneField(nn.Module):
         return float(self.log_beta.detach().exp())
 
     def surface_density(self, threshold: float) -> float:
-        """The density on the surface: the calibrated `threshold` (RendererConfig.mesh_threshold) of a density
-        field; an SDF field's density at s = 0. `density > surface_density` is what counts as inside."""
+        """As a density field's, or an SDF field's density at s = 0."""
         return 0.5 / self.beta if self.is_sdf else threshold
 
     def mesh_level(self, density: torch.Tensor) -> torch.Tensor:
-        """The scalar marching cubes cuts at `mesh_level(surface_density)`, from density: the density itself, or
-        an SDF field's -s (linear across the surface, so vertices land where the distance crosses 0)."""
+        """As a density field's, or an SDF field's -s (linear across the surface, so vertices land where the
+        distance crosses 0)."""
         return -sdf_of_density(density, self.beta) if self.is_sdf else density
 
 

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import triplane_sample
+from ln3diff_rt.models.field import DensitySurface
 
 BOX_WARP = 0.9  # official: world coordinates are multiplied by 2 / BOX_WARP before sampling
 BOX_HALF = BOX_WARP / 2  # official object box [-0.45, 0.45]^3 = project box [-1, 1]^3
@@ -87,7 +88,7 @@ class GainLinear(nn.Module):
         return F.linear(x, self.weight * self.weight_gain, self.bias)
 
 
-class OfficialTriplaneField(nn.Module):
+class OfficialTriplaneField(DensitySurface, nn.Module):
     """Density and colour of an official tri-plane at points of the project box, as `TriplaneField` does.
 
     Attribute names follow the official `triplane_decoder.decoder.net.*` keys (net.1 is the softplus).

@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 
 from training.data.channels import write_exr
-from training.data.dataset import DatasetError, MultiViewDataset, load_object, read_transforms
+from training.data.dataset import (
+    DatasetError,
+    MultiViewDataset,
+    _weighted_channels,
+    load_channels,
+    load_image,
+    load_object,
+    read_transforms,
+)
 from training.data.synth import generate
 
 VIEWS, SIZE = 6, 16
@@ -99,6 +107,33 @@ def test_views_are_reproducible_per_epoch_and_cache_is_transparent(synth_root):
         assert all(torch.equal(cached[i]["target_images"], ds[i]["target_images"]) for i in range(len(ds)))
     ds.set_epoch(1)
     assert any(not torch.equal(a, ds[i]["target_c2w"]) for i, a in enumerate(first))
+
+
+def test_cached_channels_are_compact_and_items_the_same_with_or_without_the_cache(synth_root):
+    """Resized to an odd size, so the channels are alpha-weighted averages, not the files' values."""
+    kwargs = dict(num_input_views=1, num_target_views=3, image_size=13, seed=5, channels="available")
+    ds, cached = MultiViewDataset(synth_root, **kwargs), MultiViewDataset(synth_root, cache=True, **kwargs)
+    for _ in range(2):
+        for i in range(len(ds)):
+            a, b = ds[i], cached[i]
+            assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("target_")), i
+    view = next(iter(cached._cache.values()))
+    assert {k: v.dtype for k, v in view.items()} == {"rgba": np.uint8, "albedo": np.uint8, "depth": np.float16,
+                                                     "normal": np.float16}
+    # Against the float32 channels they were made from: within a uint8 / float16 step, normals of unit length.
+    record = ds.records[0]
+    item = ds[0]
+    frame = int(np.abs(record.c2w - item["target_c2w"][0].numpy()).sum((1, 2)).argmin())
+    straight = load_image(record, frame)
+    alpha = straight[..., 3].astype(np.float32) / 255.0
+    exact = _weighted_channels(alpha, load_channels(record, frame, alpha, ["albedo", "depth", "normal"]), (13, 13))
+    got = {name: item[f"target_{name}s"][0].permute(1, 2, 0).numpy() for name in ("albedo", "depth", "normal")}
+    np.testing.assert_allclose(got["albedo"], exact["albedo"], atol=0.5 / 255 + 1e-6)
+    np.testing.assert_allclose(got["depth"], exact["depth"], rtol=1e-3)
+    np.testing.assert_allclose(got["normal"], exact["normal"], atol=2e-3)
+    hit = np.linalg.norm(exact["normal"], axis=-1) > 0
+    assert hit.sum() > 10 and (np.linalg.norm(got["normal"], axis=-1)[~hit] == 0).all()
+    np.testing.assert_allclose(np.linalg.norm(got["normal"], axis=-1)[hit], 1.0, atol=1e-6)
 
 
 def test_few_views_repeat_instead_of_failing(synth_root):

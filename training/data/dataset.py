@@ -297,8 +297,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
         have = combine(*(r.channels for r in self.records))
         self.channels = tuple(c for c in CHANNELS if c in (have if channels == "available" else channels))
         self._failed: set[int] = set()
-        # Decoded views keyed by (object, frame): RGBa uint8 to stay small (CPU training re-reads them every
-        # epoch), the requested channels float32.
+        # Decoded views keyed by (object, frame), compact (CPU training re-reads them every epoch; 5000 objects of
+        # 24 views with every channel are 7 GB so, 15 GB in float32): RGBa and albedo uint8, depth and normals
+        # float16. Items are made from the same compact views with or without the cache.
         self._cache: dict[tuple[int, int], dict[str, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
@@ -324,7 +325,8 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def _view(self, j: int, frame: int) -> dict[str, np.ndarray]:
         """One view at the output size, from the cache when enabled: "rgba" premultiplied uint8 [H, W, 4],
-        and per requested channel "albedo" (over white) [H, W, 3], "depth" [H, W, 1], "normal" [H, W, 3]."""
+        and per requested channel "albedo" (over white, uint8) [H, W, 3], "depth" [H, W, 1] and "normal" [H, W, 3]
+        (float16)."""
         if self._cache is not None and (j, frame) in self._cache:
             return self._cache[j, frame]
         straight = load_image(self.records[j], frame)
@@ -339,7 +341,9 @@ class MultiViewDataset(torch.utils.data.Dataset):
             alpha = straight[..., 3].astype(np.float32) / 255.0
             full = load_channels(self.records[j], frame, alpha, [c for c in self.channels
                                                                  if c in self.records[j].channels])
-            view.update(_weighted_channels(alpha, full, self.image_size if resize else None))
+            channels = _weighted_channels(alpha, full, self.image_size if resize else None)
+            view.update({name: np.round(v * 255.0).astype(np.uint8) if name == "albedo" else v.astype(np.float16)
+                         for name, v in channels.items()})
         if self._cache is not None:
             self._cache[j, frame] = view
         return view
@@ -355,7 +359,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
         out = {"images": np.clip(rgba[:, :3] + (1.0 - alpha), 0.0, 1.0), "masks": alpha}
         for name in self.channels if channels else ():
             if name in record.channels:
-                out[name + "s"] = np.stack([v[name] for v in views]).transpose(0, 3, 1, 2)
+                out[name + "s"] = _expand(name, np.stack([v[name] for v in views]).transpose(0, 3, 1, 2))
             else:  # partial_channels: the empty value, and has_<name> False in the item
                 out[name + "s"] = np.full((len(frames), 3 if name != "depth" else 1, *alpha.shape[2:]),
                                           1.0 if name == "albedo" else 0.0, np.float32)
@@ -377,6 +381,17 @@ class MultiViewDataset(torch.utils.data.Dataset):
         return {"input_images": source["images"], "input_c2w": source["c2w"], "input_intrinsics": source["intrinsics"],
                 **{f"target_{k}": v for k, v in target.items()}, "caption": record.caption or "", "index": j,
                 **{f"has_{name}": torch.tensor(name in record.channels) for name in self.channels}}
+
+
+def _expand(name: str, compact: np.ndarray) -> np.ndarray:
+    """A channel stack [V, C, H, W] as `_view` holds it -> float32: albedo / 255, normals unit length again."""
+    if name == "albedo":
+        return compact / np.float32(255.0)
+    values = compact.astype(np.float32)
+    if name == "normal":
+        length = np.linalg.norm(values, axis=1, keepdims=True)
+        values = np.where(length > 0, values / np.maximum(length, 1e-12), 0.0).astype(np.float32)
+    return values
 
 
 def _weighted_channels(alpha: np.ndarray, full: dict[str, np.ndarray], size: tuple[int, int] | None

@@ -8,6 +8,7 @@ tests that do not launch Triton kernels.
 
 import contextlib
 import dataclasses
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -91,6 +92,26 @@ def random_tiny_checkpoint(tmp_path_factory) -> Path:
     from ln3diff_rt.random_weights import random_checkpoint
 
     return random_checkpoint(tmp_path_factory.mktemp("random-tiny") / "tiny.safetensors")
+
+
+@pytest.fixture(scope="session")
+def pre_v2_checkpoint(random_tiny_checkpoint, tmp_path_factory) -> Path:
+    """A tiny checkpoint as written before fields had an albedo head or an SDF (issue 18): its stored config has
+    no renderer.albedo, geometry or sdf_beta. (The shipped model was one until it became v2.)"""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from ln3diff_rt.checkpoint import CONFIG_KEY
+
+    with safe_open(random_tiny_checkpoint, "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    config = json.loads(metadata[CONFIG_KEY])
+    for key in ("albedo", "geometry", "sdf_beta"):
+        del config["renderer"][key]
+    metadata[CONFIG_KEY] = json.dumps(config)
+    path = tmp_path_factory.mktemp("pre-v2") / "tiny.safetensors"
+    save_file(tensors, path, metadata=metadata)
+    return path
 
 
 def save_cube_checkpoint(path: Path, density_weight: float, density_bias: float, renderer: dict | None = None,

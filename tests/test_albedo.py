@@ -23,11 +23,12 @@ from training.data.synth import generate
 RED, GREEN = (1.0, 0.0, 0.0), (0.0, 1.0, 0.0)
 
 
-def test_configs_without_the_field_load_as_before():
+def test_configs_without_the_field_load_as_before(pre_v2_checkpoint):
     raw = json.loads(get_preset("tiny").to_json())
     del raw["renderer"]["albedo"]  # what checkpoints written before the head store
     assert ModelConfig.from_json(json.dumps(raw)) == get_preset("tiny")
-    field = load_models(DEFAULT_CHECKPOINT).vae.field
+    field = load_models(pre_v2_checkpoint).vae.field
+    assert load_models(DEFAULT_CHECKPOINT).vae.field.has_albedo  # the shipped model since v2 (issue 18)
     assert not field.has_albedo and field.mlp[2].out_features == 4
     with pytest.raises(ValueError, match="no albedo head"):
         field.albedo(torch.zeros(1, 3, 32, 8, 8), torch.zeros(1, 5, 3))

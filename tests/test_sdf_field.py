@@ -24,11 +24,12 @@ from training.data.synth import generate
 from training.geometry_losses import eikonal_loss, field_gradient
 
 
-def test_configs_without_the_field_load_as_density_fields():
+def test_configs_without_the_field_load_as_density_fields(pre_v2_checkpoint):
     raw = json.loads(get_preset("tiny").to_json())
     del raw["renderer"]["geometry"], raw["renderer"]["sdf_beta"]  # what checkpoints written before SDF fields store
     assert ModelConfig.from_json(json.dumps(raw)) == get_preset("tiny")
-    field = load_models(DEFAULT_CHECKPOINT).vae.field
+    field = load_models(pre_v2_checkpoint).vae.field
+    assert load_models(DEFAULT_CHECKPOINT).vae.field.is_sdf  # the shipped model since v2 (issue 18)
     assert not field.is_sdf and not hasattr(field, "log_beta")
     assert field.surface_density(7.5) == 7.5
     with pytest.raises(ValueError, match="density field"):

@@ -62,10 +62,9 @@ def model_field(ckpt: str | None) -> dict:
     """The field of the object the model generates for PROMPT / SEED, queried as the request path does."""
     gen = Generator.from_checkpoint(ckpt)
     planes = next(run(gen, [Request(PROMPT, SEED, GenerationOptions(preview_views=0), mesh=False)])).triplane
-    query = gen.field_fn(planes)
     surface, level = gen.surface_fn(planes)
     name = Path(ckpt).name if ckpt else "shipped model"
-    return {"case": f"{name}: '{PROMPT}'", "density_fn": surface, "color_fn": lambda p: query(p)[1],
+    return {"case": f"{name}: '{PROMPT}'", "density_fn": surface, "color_fn": gen.colour_fn(planes),
             "threshold": level, "chunk": FIELD_CHUNK}
 
 

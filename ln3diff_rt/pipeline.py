@@ -260,45 +260,45 @@ class Generator:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.components.decoder(latents)
 
-    def field_fn(self, planes: torch.Tensor, field: FieldFn | None = None, lit: bool = False
-                 ) -> Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-        """points [N, 3] -> (density [N], colour [N, 3]) on the CPU, for one tri-plane [3, C, R, R].
+    def colour_fn(self, planes: torch.Tensor, field: FieldFn | None = None, lit: bool = False,
+                  check: Callable[[], None] | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """points [N, 3] -> colour [N, 3] on the CPU, for one tri-plane [3, C, R, R].
 
         The colour is an asset's (vertex colours, baked textures): the unlit base colour where the model predicts
         one (`RendererConfig.albedo`), else the lit colour; `lit` asks for the lit colour, what previews render,
-        either way. The albedo comes from the checkpoint's own field (compiled engines compute density and lit
-        colour only); density always from `field`, which may check for cancellation (the runner's)."""
+        either way. The lit colour comes from `field` (the components' field by default); the albedo from the
+        checkpoint's own field, alone (one MLP pass, no density: compiled engines compute density and lit colour
+        only), with `check` run before each query as `field` would run it (the runner's cancellation check)."""
         planes, field = planes[None].to(self.device), field or self.components.field
         own = self.models.vae.field
-        albedo = None if lit or not getattr(own, "has_albedo", False) else own.albedo
-        dtype = None if albedo is None else next(own.parameters()).dtype  # planes from an fp16 engine, say
+        if lit or not getattr(own, "has_albedo", False):
+            return lambda points: field(planes, points[None].to(self.device))[1][0].float().cpu()
+        planes = planes.to(next(own.parameters()).dtype)  # from an fp16 engine, say
 
-        def query(points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            points = points[None].to(self.device)
-            density, rgb = field(planes, points)
-            if albedo is not None:
-                rgb = albedo(planes.to(dtype), points.to(dtype))
-            return density[0].float().cpu(), rgb[0].float().cpu()
+        def albedo(points: torch.Tensor) -> torch.Tensor:
+            if check is not None:
+                check()
+            return own.albedo(planes, points[None].to(planes)).float()[0].cpu()
 
-        return query
+        return albedo
 
     def surface_fn(self, planes: torch.Tensor, field: FieldFn | None = None
                    ) -> tuple[Callable[[torch.Tensor], torch.Tensor], float]:
         """(points [N, 3] -> the scalar marching cubes cuts [N], its level) for one tri-plane [3, C, R, R]: the
         density at the calibrated threshold, or an SDF field's -s at 0 (recovered from any engine's density)."""
-        density, own = self.field_fn(planes, field, lit=True), self.models.vae.field
+        planes, field, own = planes[None].to(self.device), field or self.components.field, self.models.vae.field
         level = own.mesh_level(torch.tensor(own.surface_density(self.config.renderer.mesh_threshold)))
-        return (lambda points: own.mesh_level(density(points)[0])), float(level)
+        return (lambda points: own.mesh_level(field(planes, points[None].to(self.device))[0][0].float().cpu()),
+                float(level))
 
     @torch.no_grad()
-    def extract_mesh(self, planes: torch.Tensor, options: GenerationOptions, field: FieldFn | None = None
-                     ) -> MeshResult:
-        """Coarse-to-fine marching cubes of one tri-plane [3, C, R, R]; `field` may wrap the components' field.
-        Vertex colours are the asset colour (`field_fn`)."""
+    def extract_mesh(self, planes: torch.Tensor, options: GenerationOptions, field: FieldFn | None = None,
+                     check: Callable[[], None] | None = None) -> MeshResult:
+        """Coarse-to-fine marching cubes of one tri-plane [3, C, R, R]; `field` may wrap the components' field,
+        `check` runs before the albedo's queries (`colour_fn`). Vertex colours are the asset colour."""
         surface, level = self.surface_fn(planes, field)
-        colour = self.field_fn(planes, field)
         return extract_mesh(surface, resolution=options.mesh_resolution, threshold=level,
-                            color_fn=lambda p: colour(p)[1],
+                            color_fn=self.colour_fn(planes, field, check=check),
                             faces=options.faces or None, min_component_fraction=0.01, chunk=FIELD_CHUNK)
 
     @torch.no_grad()

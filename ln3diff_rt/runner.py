@@ -188,9 +188,9 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
     mesh_result, exports, previews = None, {}, []
     if request.mesh:
         with stage("mesh"):
-            mesh_result = gen.extract_mesh(planes, options, field=field_queries)
+            mesh_result = gen.extract_mesh(planes, options, field=field_queries, check=still_wanted)
         if request.formats and not mesh_result.empty:
-            exports = _asset_files(gen, request, planes, mesh_result, placement, stage, checked_field)
+            exports = _asset_files(gen, request, planes, mesh_result, placement, stage, checked_field, still_wanted)
     if options.preview_views:
         with stage("preview"):
             previews = gen.render_previews(planes, options, on_view=still_wanted)
@@ -199,17 +199,18 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
 
 
 def _asset_files(gen: Generator, request: Request, planes: torch.Tensor, mesh: MeshResult, placement: Placement,
-                 stage: Callable[[str], contextlib.AbstractContextManager], field) -> dict[str, bytes]:
-    """An object's files: UV unwrap and texture bake (`texture` > 0; the bake queries `field`), levels of detail
-    (`lods`), then the encoding of every format, each a stage of its own."""
+                 stage: Callable[[str], contextlib.AbstractContextManager], field, check: Callable[[], None]
+                 ) -> dict[str, bytes]:
+    """An object's files: UV unwrap and texture bake (`texture` > 0; the bake queries `field`, or the albedo after
+    `check`), levels of detail (`lods`), then the encoding of every format, each a stage of its own."""
     options = request.options
     material = Material(roughness=options.roughness)
     if options.texture:
         with stage("uv_unwrap"):
             mesh = unwrap(mesh, options.texture)
         with stage("bake_texture"):
-            query = gen.field_fn(planes, field)
-            material = Material(bake_texture(mesh, lambda p: query(p)[1], options.texture, FIELD_CHUNK),
+            material = Material(bake_texture(mesh, gen.colour_fn(planes, field, check=check), options.texture,
+                                             FIELD_CHUNK),
                                 options.roughness)
     levels = [mesh]
     if options.lods:

@@ -76,8 +76,52 @@ def test_meshes_and_textures_carry_the_albedo_and_previews_the_lit_colour(red_li
     texture = np.asarray(glb.visual.material.baseColorTexture.convert("RGB")) / 255.0
     np.testing.assert_allclose(texture, np.broadcast_to(GREEN, texture.shape), atol=0.01)
     with torch.no_grad():
-        _, lit = gen.field_fn(plain.triplane, lit=True)(torch.zeros(4, 3))
+        lit = gen.colour_fn(plain.triplane, lit=True)(torch.zeros(4, 3))
     np.testing.assert_allclose(lit.numpy(), np.broadcast_to(RED, (4, 3)), atol=0.01)
+
+
+
+def test_asset_colour_queries_the_albedo_alone_and_a_cancelled_object_stops_in_its_bake(red_lit_green_albedo,
+                                                                                       monkeypatch):
+    """The albedo is one MLP pass (no density from the field alongside), still behind the runner's cancellation
+    check: an object given up while its texture bakes stops before the next chunk of texels."""
+    import ln3diff_rt.runner as runner
+
+    gen = Generator.from_checkpoint(red_lit_green_albedo)
+    with torch.no_grad():
+        planes = gen.decode(torch.randn(1, *gen.config.latent_shape, generator=torch.Generator().manual_seed(0)))[0]
+    fields, checks = [], []
+
+    def field(planes, points):
+        fields.append(points.shape[1])
+        return gen.components.field(planes, points)
+
+    points = torch.rand(37, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    with torch.no_grad():
+        albedo = gen.colour_fn(planes, field, check=lambda: checks.append(1))(points)
+        assert fields == [] and checks == [1]
+        torch.testing.assert_close(albedo, gen.models.vae.field.albedo(planes[None], points[None])[0])
+        lit = gen.colour_fn(planes, field, lit=True, check=lambda: checks.append(1))(points)
+        assert fields == [37] and checks == [1]  # the lit colour is the field's, which checks for itself
+        torch.testing.assert_close(lit, gen.components.field(planes[None], points[None])[1][0])
+
+    wanted, queried = [True], []
+    bake = runner.bake_texture
+
+    def give_up_while_baking(mesh, colour, size, chunk):
+        wanted[0] = False  # the client leaves once the bake has begun
+
+        def counted(p):
+            out = colour(p)
+            queried.append(len(p))
+            return out
+
+        return bake(mesh, counted, size, chunk)
+
+    monkeypatch.setattr(runner, "bake_texture", give_up_while_baking)
+    options = GenerationOptions(steps=1, mesh_resolution=32, faces=0, preview_views=0, texture=64)
+    assert list(run(gen, [Request("a cube", 1, options, ("glb",))], alive=lambda i: wanted[0])) == []
+    assert queried == []  # without the check every texel would have been queried first
 
 
 def test_vae_trains_the_albedo_head_logs_its_loss_and_resumes_exactly(tmp_path, monkeypatch):

@@ -109,12 +109,24 @@ def field_render(field, planes: torch.Tensor, c2w: torch.Tensor, size: int, rend
     return rgb, out.opacity[0].reshape(size, size).numpy()
 
 
+def asset_field(gen: Generator):
+    """The model's field with the colour its assets carry (`Generator.colour_fn`): the albedo where the model has
+    the head, which the reference render then shows too, else the lit colour."""
+    own, field = gen.models.vae.field, gen.components.field
+    if not getattr(own, "has_albedo", False):
+        return field
+    return lambda planes, points: (field(planes, points)[0], own.albedo(planes, points))
+
+
 def objects(gen: Generator, seed: int):
-    """(name, mesh at 30K faces, field, planes [1, 3, C, R, R], renderer) for each object: the prompts' (rendered as
-    the model's previews are), then the egg (its sharp colour needs 4x the samples per ray to render sharp)."""
+    """(name, mesh at 30K faces, field, planes [1, 3, C, R, R], renderer, colour: points [N, 3] -> what the bake
+    stores [N, 3]) for each object: the prompts' (rendered as the model's previews are, in the asset colour, and
+    baked as the request path bakes), then the egg (its sharp colour needs 4x the samples per ray to
+    render sharp)."""
     options = GenerationOptions(faces=LODS[0], texture=0, preview_views=0)
     for result in generate(gen, PROMPTS, [seed + i for i in range(len(PROMPTS))], options):
-        yield result.prompt, result.mesh, gen.components.field, result.triplane[None], gen.config.renderer
+        yield (result.prompt, result.mesh, asset_field(gen), result.triplane[None], gen.config.renderer,
+               gen.colour_fn(result.triplane))
     planes = torch.zeros(1, 3, 1, 1, 1)
 
     def density(p):
@@ -124,8 +136,8 @@ def objects(gen: Generator, seed: int):
         return striped_egg(planes, p[None])[1][0]
 
     renderer = dataclasses.replace(gen.config.renderer, num_samples=128, num_importance=128)
-    yield "striped egg (analytic)", extract_mesh(density, 192, color_fn=colour, faces=LODS[0]), striped_egg, planes, \
-        renderer
+    yield ("striped egg (analytic)", extract_mesh(density, 192, color_fn=colour, faces=LODS[0]), striped_egg, planes,
+           renderer, colour)
 
 
 def timed(fn, *args):
@@ -149,12 +161,8 @@ def main(argv: list[str] | None = None) -> int:
                for i in range(args.views)]
     rows, figure = [], []
     print(f"{'object':<26} {'faces':>6} {'vertex MAE':>10} {'texture MAE':>11} {'ratio':>6}")
-    for name, mesh, field, planes, renderer in objects(gen, args.seed):
+    for name, mesh, field, planes, renderer, colour in objects(gen, args.seed):
         renders = [field_render(field, planes, c2w, args.size, renderer) for c2w in cameras]
-
-        def colour(points, field=field, planes=planes):
-            return field(planes, points[None])[1][0]
-
         unwrapped, unwrap_s, unwrap_cpu = timed(unwrap, mesh, args.texture)
         texture, bake_s, bake_cpu = timed(bake_texture, unwrapped, colour, args.texture, FIELD_CHUNK)
         material = Material(texture, 1.0)

@@ -217,6 +217,15 @@ def test_threshold_calibration_and_geometry_iou_on_a_known_density(dataset):
     assert all(v < 1.0 for t, v in calibration["iou_by_threshold"].items() if t != "20.0")
     exact = reconstruction_iou(SignedDistanceVAE(val), val, 20.0)
     assert exact["mean"] == pytest.approx(1.0) and set(exact["per_shape"].values()) == {1.0}
+    assert exact["shape_named"] == 1.0 and set(exact["shape_named_per_shape"]) == set(exact["per_shape"])
+    # A VAE that makes a sphere of everything: the shape test names the spheres' shape only.
+    from training.data.synth import ObjectSpec
+
+    spheres = SignedDistanceVAE(val)
+    spheres.field = DensityOf(iter([ObjectSpec("sphere", "red", "medium", 0.0)] * len(val.records)))
+    blobs = reconstruction_iou(spheres, val, 20.0)
+    assert blobs["shape_named_per_shape"] == {s: float(s == "sphere") for s in exact["per_shape"]}
+    assert 0.0 <= blobs["shape_named"] < 1.0
     # Off the best threshold both measure the same IoU over the same objects.
     loose = reconstruction_iou(SignedDistanceVAE(val), val, 30.0)
     assert loose["mean"] < 1.0

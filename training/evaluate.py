@@ -235,15 +235,23 @@ def calibrate_mesh_threshold(vae, dataset: MultiViewDataset, thresholds=None) ->
 
 def reconstruction_iou(vae, dataset: MultiViewDataset, threshold: float) -> dict:
     """IoU of each held-out reconstruction's inside (density above the calibrated `threshold`, or s < 0 for an SDF
-    field) with its exact geometry, by shape: separates what the VAE loses (e.g. cube corners) from what the
-    diffusion model gets wrong."""
+    field) with its exact geometry, by shape, and whether the shape test of the adherence figures (nearest
+    primitive by IoU, best over yaw and size) names its shape: separates what the VAE loses (e.g. cube corners)
+    from what the diffusion model gets wrong, which can name a shape no better than the VAE reproduces it."""
     points, threshold = grid_points().numpy(), vae.field.surface_density(threshold)
+    shapes_ref = primitive_occupancies(*SIZES)
     by_shape: dict[str, list[float]] = {}
+    named: dict[str, list[bool]] = {}
     for spec, density in reconstructed_densities(vae, dataset):
-        by_shape.setdefault(spec.shape, []).append(iou(density > threshold, sdf(spec, points) < 0))
+        inside = density > threshold
+        by_shape.setdefault(spec.shape, []).append(iou(inside, sdf(spec, points) < 0))
+        scores = {s: max(iou(inside, occ) for occ in occs) for s, occs in shapes_ref.items()}
+        named.setdefault(spec.shape, []).append(max(scores, key=scores.get) == spec.shape)
     every = [v for values in by_shape.values() for v in values]
     return {"mean": float(np.mean(every)) if every else 0.0,
-            "per_shape": {s: round(float(np.mean(v)), 3) for s, v in sorted(by_shape.items())}}
+            "per_shape": {s: round(float(np.mean(v)), 3) for s, v in sorted(by_shape.items())},
+            "shape_named": float(np.mean([v for values in named.values() for v in values])) if every else 0.0,
+            "shape_named_per_shape": {s: round(float(np.mean(v)), 3) for s, v in sorted(named.items())}}
 
 
 def calibrate_checkpoint(ckpt: str, data: str, seed: int = 0) -> dict:
@@ -331,6 +339,11 @@ def print_vae(result: dict) -> None:
         print(f"{'VAE geometry IoU, held-out objects':<48} {geometry['mean']:>8.3f} {'':>8}  (32^3, {where})")
         for shape, value in geometry["per_shape"].items():
             print(f"  {shape:<46} {value:>8.3f}")
+        label = "VAE: shape nearest the object's"
+        print(f"{label:<48} {geometry['shape_named']:>8.1%} {1 / len(SHAPES):>8.1%}  "
+              "(its reconstruction, judged as samples are)")
+        for shape, value in geometry["shape_named_per_shape"].items():
+            print(f"  {shape:<46} {value:>8.1%}")
 
 
 def print_assets(a: dict) -> None:

@@ -109,15 +109,6 @@ def field_render(field, planes: torch.Tensor, c2w: torch.Tensor, size: int, rend
     return rgb, out.opacity[0].reshape(size, size).numpy()
 
 
-def asset_field(gen: Generator):
-    """The model's field with the colour its assets carry (`Generator.colour_fn`): the albedo where the model has
-    the head, which the reference render then shows too, else the lit colour."""
-    own, field = gen.models.vae.field, gen.components.field
-    if not getattr(own, "has_albedo", False):
-        return field
-    return lambda planes, points: (field(planes, points)[0], own.albedo(planes, points))
-
-
 def objects(gen: Generator, seed: int):
     """(name, mesh at 30K faces, field, planes [1, 3, C, R, R], renderer, colour: points [N, 3] -> what the bake
     stores [N, 3]) for each object: the prompts' (rendered as the model's previews are, in the asset colour, and
@@ -125,8 +116,12 @@ def objects(gen: Generator, seed: int):
     render sharp)."""
     options = GenerationOptions(faces=LODS[0], texture=0, preview_views=0)
     for result in generate(gen, PROMPTS, [seed + i for i in range(len(PROMPTS))], options):
-        yield (result.prompt, result.mesh, asset_field(gen), result.triplane[None], gen.config.renderer,
-               gen.colour_fn(result.triplane))
+        colour = gen.colour_fn(result.triplane)  # the albedo where the model has the head, else the lit colour
+
+        def field(planes, points, colour=colour):  # the model's density with the asset colour, for the reference
+            return gen.components.field(planes, points)[0], colour(points[0])[None]
+
+        yield result.prompt, result.mesh, field, result.triplane[None], gen.config.renderer, colour
     planes = torch.zeros(1, 3, 1, 1, 1)
 
     def density(p):

@@ -80,7 +80,6 @@ def test_meshes_and_textures_carry_the_albedo_and_previews_the_lit_colour(red_li
     np.testing.assert_allclose(lit.numpy(), np.broadcast_to(RED, (4, 3)), atol=0.01)
 
 
-
 def test_asset_colour_queries_the_albedo_alone_and_a_cancelled_object_stops_in_its_bake(red_lit_green_albedo,
                                                                                        monkeypatch):
     """The albedo is one MLP pass (no density from the field alongside), still behind the runner's cancellation

@@ -83,6 +83,12 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / max(1, (a | b).sum()))
 
 
+def shape_scores(occupied: np.ndarray, shapes_ref: dict[str, list[np.ndarray]]) -> dict[str, float]:
+    """The shape test: each primitive's best IoU with an occupancy grid (over its references' yaws and sizes); the
+    named shape is the highest."""
+    return {s: max(iou(occupied, occ) for occ in occs) for s, occs in shapes_ref.items()}
+
+
 @torch.no_grad()
 def foreground_colour(generator: Generator, planes: torch.Tensor, views: int = 3, size: int = 48) -> np.ndarray | None:
     """Mean colour of the pixels the object covers, over a few views around it."""
@@ -107,7 +113,7 @@ def judge(generator: Generator, planes: torch.Tensor, refs: dict[str, np.ndarray
     density, _ = generator.components.field(planes[None], grid_points()[None])
     occupied = (density[0] > generator.models.vae.field.surface_density(generator.config.renderer.mesh_threshold)
                 ).numpy()
-    scores = {s: max(iou(occupied, occ) for occ in occs) for s, occs in shapes_ref.items()}
+    scores = shape_scores(occupied, shapes_ref)
     mean_rgb = foreground_colour(generator, planes)
     nearest = None if mean_rgb is None else min(refs, key=lambda c: float(np.linalg.norm(refs[c] - mean_rgb)))
     return {"colour": colour, "shape": shape, "predicted_colour": nearest,
@@ -245,7 +251,7 @@ def reconstruction_iou(vae, dataset: MultiViewDataset, threshold: float) -> dict
     for spec, density in reconstructed_densities(vae, dataset):
         inside = density > threshold
         by_shape.setdefault(spec.shape, []).append(iou(inside, sdf(spec, points) < 0))
-        scores = {s: max(iou(inside, occ) for occ in occs) for s, occs in shapes_ref.items()}
+        scores = shape_scores(inside, shapes_ref)
         named.setdefault(spec.shape, []).append(max(scores, key=scores.get) == spec.shape)
     every = [v for values in by_shape.values() for v in values]
     return {"mean": float(np.mean(every)) if every else 0.0,

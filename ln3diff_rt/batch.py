@@ -228,9 +228,11 @@ def batch_options(generator: Generator, overrides: dict) -> GenerationOptions:
 
 
 def generate_items(generator: Generator, items: list[Item], overrides: dict, formats: tuple[str, ...],
-                   out_dir: str | Path, settings: dict, batch_size: int) -> Iterator[dict]:
-    """Make `items` in batches of `batch_size` through `runner.run`, write each item's files to `out_dir` as soon
-    as it is made and yield its manifest record."""
+                   out_dir: str | Path, settings: dict, batch_size: int, object_threads: int | None = None
+                   ) -> Iterator[dict]:
+    """Make `items` in batches of `batch_size` through `runner.run` (`object_threads`: its default, see
+    `runner.object_threads_for`), write each item's files to `out_dir` as soon as it is made and yield its
+    manifest record."""
     from ln3diff_rt.images import ImageError, read_image
     from ln3diff_rt.outputs import write_result
 
@@ -244,7 +246,7 @@ def generate_items(generator: Generator, items: list[Item], overrides: dict, for
             raise BatchInputError(str(e)) from None
         requests = [Request(item.prompt, item.seed, options, formats, image=image)
                     for item, image in zip(chunk, images, strict=True)]
-        for result in run(generator, requests):
+        for result in run(generator, requests, object_threads=object_threads):
             item, mesh = chunk[result.index], result.mesh
             files = [{"path": path.name, "bytes": path.stat().st_size, "sha256": file_sha256(path)}
                      for path in write_result(result, out)]
@@ -298,7 +300,8 @@ class Summary:
 
 def run_batch(list_path: str | Path, out_dir: str | Path, model: ModelSpec, overrides: dict,
               formats: tuple[str, ...], seed: int = 0, batch_size: int = 4, ray: str | None = None,
-              workers: int | None = None, on_plan=None, on_record=None) -> Summary:
+              workers: int | None = None, on_plan=None, on_record=None, object_threads: int | None = None
+              ) -> Summary:
     """Make every item of the list not yet in OUT's manifest: in this process, or on the Ray cluster at `ray`
     ('local' starts one here). `on_plan(total, skipped)` before the work, `on_record(record)` per item."""
     from ln3diff_rt.outputs import check_out_dir
@@ -306,6 +309,8 @@ def run_batch(list_path: str | Path, out_dir: str | Path, model: ModelSpec, over
 
     if batch_size < 1:
         raise BatchInputError(f"--batch-size {batch_size}: expected at least 1")
+    if object_threads is not None and object_threads < 1:
+        raise BatchInputError(f"--object-threads {object_threads}: expected at least 1")
     start = time.perf_counter()
     items = read_items(list_path, seed)
     GenerationOptions().replace(**overrides).validate()  # bad flags fail before any work
@@ -327,7 +332,7 @@ def run_batch(list_path: str | Path, out_dir: str | Path, model: ModelSpec, over
 
         records = generate_on_ray(ray, todo, model, overrides, formats, out, settings, batch_size, workers)
     else:
-        records = generate_items(model.load(), todo, overrides, formats, out, settings, batch_size)
+        records = generate_items(model.load(), todo, overrides, formats, out, settings, batch_size, object_threads)
     made = record_all(manifest, records, on_record)
     return Summary(len(items), len(items) - len(todo), made, time.perf_counter() - start, manifest.path,
                    manifest.write_parquet())

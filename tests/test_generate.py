@@ -156,10 +156,62 @@ def test_ctrl_c_keeps_the_finished_objects(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(Generator, "render_previews", interrupt_second)
     code = main(["generate", "a red cube", "a blue sphere", "--out", str(tmp_path), "--seed", "4", "--steps", "2",
-                 "--resolution", "32", "--views", "1", "--preview-size", "16"])
+                 "--resolution", "32", "--views", "1", "--preview-size", "16", "--object-threads", "1"])
     assert code == 130
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-red-cube_s4.glb", "a-red-cube_s4_view00.png"]
     assert "interrupted: 1 of 2 objects written" in capsys.readouterr().err
+
+
+def test_objects_finished_on_threads_are_the_same_objects(generator):
+    """object_threads=2 hands over the same results as one thread (each once, named by its index), without
+    lingering threads."""
+    import threading
+
+    made = [("a red cube", 5), ("a blue sphere", 6), ("a green torus", 7)]
+    requests = [Request(p, s, FAST, ("glb",)) for p, s in made]
+    one = {r.index: r for r in run(generator, requests, object_threads=1)}
+    two = list(run(generator, requests, object_threads=2))
+    assert sorted(r.index for r in two) == [0, 1, 2]
+    for r in two:
+        assert r.request == requests[r.index]
+        assert r.exports["glb"] == one[r.index].exports["glb"]
+        assert all(np.array_equal(a, b) for a, b in zip(r.previews, one[r.index].previews, strict=True))
+    assert not [t for t in threading.enumerate() if t.name.startswith("ln3diff-object")]
+
+
+def test_objects_on_threads_stop_when_the_caller_leaves_or_stops_wanting_them(generator):
+    """An object `alive` gives up is dropped and the others come; a caller that leaves after the first result
+    stops the objects in progress at their next check and never starts the queued ones."""
+    import threading
+
+    from ln3diff_rt.runner import object_threads_for
+
+    options = FAST.replace(preview_views=0)
+    requests = [Request("a red cube", s, options) for s in range(4)]
+    assert sorted(r.index for r in run(generator, requests, object_threads=2, alive=lambda i: i != 2)) == [0, 1, 3]
+
+    release, meshed = threading.Event(), []
+
+    def alive(i: int) -> bool:  # every object but the first waits at its first check until the caller has left
+        if i != 0:
+            release.wait()
+        return True
+
+    def progress(stage: str, done: int, total: int, index: int | None) -> None:
+        if stage == "mesh" and done == total:
+            meshed.append(index)
+
+    results = run(generator, requests, progress=progress, alive=alive, object_threads=2)
+    assert next(results).index == 0
+    threading.Timer(0.2, release.set).start()  # after close() has told the objects in progress to stop
+    results.close()
+    assert meshed == [0]
+    assert not [t for t in threading.enumerate() if t.name.startswith("ln3diff-object")]
+
+    assert object_threads_for(generator, None, 5) == 2 and object_threads_for(generator, None, 1) == 1
+    assert object_threads_for(generator, 3, 2) == 2
+    with pytest.raises(ValueError, match="object_threads=0"):
+        list(run(generator, requests, object_threads=0))
 
 
 def test_prompts_that_slugify_alike_get_distinct_files():

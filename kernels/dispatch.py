@@ -1,7 +1,8 @@
 """The one place that chooses between Triton kernels and PyTorch references.
 
-LN3DIFF_KERNELS=auto (default) uses Triton for CUDA tensors (when triton is installed) and the
-reference elsewhere; `triton` or `reference` forces either (forcing Triton on CPU tensors needs
+LN3DIFF_KERNELS=auto (default) uses Triton for CUDA tensors (when triton is installed), and for tri-plane
+sampling on the CPU without gradients a fused gather (`triplane_cpu.py`), the reference elsewhere;
+`triton` or `reference` forces either (forcing Triton on CPU tensors needs
 TRITON_INTERPRET=1). The Triton modules are imported only on first use, so `import kernels`
 works where triton is missing or cannot compile; importing them registers the `ln3diff::` ops.
 (The flash-attention module is not named `attention`: importing a submodule sets the package
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kernels.composite_ref import composite_rays_ref
+from kernels.triplane_cpu import triplane_sample_cpu
 from kernels.triplane_ref import triplane_sample_ref
 
 _MODES = ("auto", "triton", "reference")
@@ -48,12 +50,24 @@ def use_triton(t: torch.Tensor) -> bool:
     return True
 
 
+def use_cpu_sampling(planes: torch.Tensor, points: torch.Tensor) -> bool:
+    """Whether tri-plane sampling takes `triplane_cpu`'s fused gather: CPU tensors in auto mode, no gradient
+    wanted, and not being traced (torch.compile, torch.export, the TorchScript ONNX exporter see the reference)."""
+    if kernel_mode() != "auto" or planes.device.type != "cpu":
+        return False
+    if torch.is_grad_enabled() and (planes.requires_grad or points.requires_grad):
+        return False
+    return not (torch.compiler.is_compiling() or torch.compiler.is_exporting() or torch.jit.is_tracing())
+
+
 def triplane_sample(planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """planes [B, 3, C, R, R], points [B, N, 3] -> summed bilinear features [B, N, C]."""
     if use_triton(planes):
         from kernels.triplane import triplane_sample as triplane_sample_triton
 
         return triplane_sample_triton(planes, points)
+    if use_cpu_sampling(planes, points):
+        return triplane_sample_cpu(planes, points)
     return triplane_sample_ref(planes, points)
 
 

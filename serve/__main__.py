@@ -40,6 +40,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-wait-ms", type=float, default=20.0,
                    help="how long the oldest waiting request waits for batch partners")
     p.add_argument("--max-queue", type=int, default=32, help="waiting requests beyond this get RESOURCE_EXHAUSTED")
+    p.add_argument("--object-threads", type=int, default=1,
+                   help="objects of a batch meshed, exported and previewed at once on threads: 1 (default) hands the "
+                        "first object over soonest, 2 finishes a batch 1.07-1.27x faster per object on 2 CPU cores "
+                        "(eager backend only)")
     token = p.add_mutually_exclusive_group()
     token.add_argument("--token-file", type=Path, default=None,
                        help="file holding the bearer token every RPC but health must send as 'authorization: Bearer "
@@ -61,8 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         path = getattr(args, name)
         if path is not None and not path.is_file():
             p.error(f"--{name.replace('_', '-')} {path}: no such file")
-    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0:
-        p.error("--max-batch and --max-queue must be at least 1, --max-wait-ms at least 0")
+    if args.max_batch < 1 or args.max_queue < 1 or args.max_wait_ms < 0 or args.object_threads < 1:
+        p.error("--max-batch, --max-queue and --object-threads must be at least 1, --max-wait-ms at least 0")
     return args
 
 
@@ -83,6 +87,7 @@ def token_of(args: argparse.Namespace) -> str | None:
 
 async def serve(args: argparse.Namespace) -> None:
     config = ServerConfig(host=args.host, port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms,
+                          object_threads=args.object_threads,
                           max_queue=args.max_queue, token=token_of(args), tls_cert=args.tls_cert,
                           tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     encoders = tuple(args.image_encoders) if args.image_encoders else None

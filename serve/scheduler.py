@@ -102,11 +102,12 @@ class Job:
 
 class Scheduler:
     def __init__(self, generator: Generator, metrics: Metrics, max_batch: int = 8, max_wait_s: float = 0.02,
-                 max_queue: int = 32):
-        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_s={max_wait_s}: expected "
-                             "max_batch >= 1, max_queue >= 1, max_wait_s >= 0")
-        self.generator, self.metrics = generator, metrics
+                 max_queue: int = 32, object_threads: int = 1):
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or object_threads < 1:
+            raise ValueError(f"max_batch={max_batch}, max_queue={max_queue}, max_wait_s={max_wait_s}, "
+                             f"object_threads={object_threads}: expected max_batch >= 1, max_queue >= 1, "
+                             "max_wait_s >= 0, object_threads >= 1")
+        self.generator, self.metrics, self.object_threads = generator, metrics, object_threads
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
         self._queue: list[Job] = []
         self._running: list[Job] = []  # the batch the worker runs now
@@ -196,7 +197,7 @@ class Scheduler:
         first, served = True, {}  # id(job) -> when its result was posted
         try:
             for result in run(self.generator, [j.spec for j in batch], progress=progress,
-                              alive=lambda i: not batch[i].gone):
+                              alive=lambda i: not batch[i].gone, object_threads=self.object_threads):
                 job = batch[result.index]
                 for stage, seconds in result.timings.items():  # the batch's stages once, not once per request
                     if first or stage not in BATCH_STAGES:

@@ -55,6 +55,7 @@ class ServerConfig:
     max_batch: int = 8
     max_wait_ms: float = 20.0
     max_queue: int = 32
+    object_threads: int = 1  # objects of a batch finished at once (runner.run): 2 raises CPU throughput under load
     token: str | None = None  # bearer token required on every RPC but health checks
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -286,7 +287,7 @@ class Server:
         t = time.perf_counter()
         generator, info = await asyncio.to_thread(self._load_and_warm)
         self.scheduler = Scheduler(generator, self.metrics, self.config.max_batch, self.config.max_wait_ms / 1e3,
-                                   self.config.max_queue)
+                                   self.config.max_queue, self.config.object_threads)
         self.scheduler.start()
         self.service.info, self.service.scheduler = info, self.scheduler
         for name in ("", SERVICE):

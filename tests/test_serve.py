@@ -60,8 +60,8 @@ def start(generator: Generator, **config) -> ServerThread:
 
 @pytest.fixture(scope="module")
 def server(generator):
-    st = start(generator, max_batch=8, max_wait_ms=100.0, max_queue=64, metrics_port=0,
-               limits=Limits(max_prompt_chars=100, max_steps=LONG_STEPS))
+    st = start(generator, max_batch=8, max_wait_ms=100.0, max_queue=64, metrics_port=0, object_threads=2,
+               limits=Limits(max_prompt_chars=100, max_steps=LONG_STEPS))  # batches finished two objects at once
     yield st
     st.stop()
 

@@ -130,6 +130,7 @@ class Generator:
         self.models, self.config, self.device, self.backend = models, models.config, device, backend
         self.components = components or eager_components(models, device)
         self.text_cache = ConditionCache(text_cache_size)
+        self._empty_prompt: Condition | None = None  # the guidance's unconditional text, encoded once
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu", backend: str = "eager",
@@ -238,8 +239,11 @@ class Generator:
         all zeros (the published models)."""
         if self.config.uncond == "zeros":
             return Condition(torch.zeros_like(cond.context), torch.zeros_like(cond.pooled))
-        text = self.encode_text([""] * cond.context.shape[0])
-        return Condition(text.context, text.pooled, None if cond.image is None else torch.zeros_like(cond.image))
+        if self._empty_prompt is None:  # the same for every request: encoded once, whatever the prompt cache holds
+            self._empty_prompt = self.encode_text([""])
+        b, empty = cond.context.shape[0], self._empty_prompt
+        return Condition(empty.context.expand(b, *empty.context.shape[1:]), empty.pooled.expand(b, -1),
+                         None if cond.image is None else torch.zeros_like(cond.image))
 
     def initial_noise(self, seeds: list[int]) -> torch.Tensor:
         """One noise tensor per seed, drawn on the CPU: a seed gives the same object in any batch, on any device."""

@@ -1,5 +1,6 @@
 """End to end on the shipped model: prompt -> GLB that engines import; reproducible; CLI errors are one line."""
 
+import dataclasses
 import io
 import subprocess
 import sys
@@ -62,6 +63,19 @@ def test_same_seed_same_mesh_and_batch_independent(generator):
     torch.testing.assert_close(batched[1], alone[0], rtol=1e-4, atol=1e-4)
     other = latents(["a red cube"], [8])
     assert not torch.allclose(other[0], alone[0])
+
+
+def test_the_empty_prompt_is_encoded_once_even_without_the_prompt_cache(generator):
+    from ln3diff_rt.profile import profile_generator
+
+    gen = profile_generator(generator)  # the profiler's: no prompt cache, every prompt encoded each time
+    encoded = []
+    encode = gen.components.text_encoder
+    gen.components = dataclasses.replace(gen.components, text_encoder=lambda p: encoded.append(p) or encode(p))
+    for seeds in ([1], [2, 3]):
+        made = list(run(gen, [Request("a red cube", s, LATENT_ONLY, mesh=False) for s in seeds]))
+        assert len(made) == len(seeds)
+    assert encoded == [["a red cube"], [""], ["a red cube"]]  # the prompt each time, the empty one the first time
 
 
 def test_generator_rejects_bad_requests(generator):

@@ -151,8 +151,7 @@ def _referenced(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np
     """Vertices [V, 3] that faces [F, 3] use, in their order, and the faces re-indexed."""
     used = np.zeros(len(vertices), dtype=bool)
     used[faces] = True
-    index = np.cumsum(used) - 1
-    return vertices[used], index[faces]
+    return vertices[used], np.take(np.cumsum(used) - 1, faces)
 
 
 def _drop_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float

@@ -5,8 +5,9 @@ seed, queried as the request path queries it (threshold, chunk), and a random tr
 [1, 3, 32, 64, 64] with a 32 -> 64 -> 4 MLP plus a sphere of radius 0.5 (a bumpy sphere). Dense and
 coarse-to-fine runs alternate in one process (`--repeats` each; the median is reported) so both see
 the same load. Times are `extract_mesh` totals with vertex colours and no face budget (decimation
-costs both the same). Coarse-to-fine also runs at `--resolutions` beyond the dense ones, and the last
-column gives each resolution's time over the first's.
+costs both the same), and the part of them spent inside the field's density and colour queries.
+Coarse-to-fine also runs at `--resolutions` beyond the dense ones, and the last column gives each
+resolution's time over the first's.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_meshing.py [--ckpt PATH] [--dense 256] [--resolutions 256 384]
         [--repeats 3] [--json [PATH]]
@@ -69,10 +70,21 @@ def model_field(ckpt: str | None) -> dict:
 
 
 def timed(field: dict, resolution: int, coarse_resolution: int | None):
+    """The mesh, its total seconds and the seconds spent inside the field (density and colour queries)."""
+    inside = [0.0]
+
+    def clocked(fn):
+        def query(points):
+            start = time.perf_counter()
+            out = fn(points)
+            inside[0] += time.perf_counter() - start
+            return out
+        return query
+
     start = time.perf_counter()
-    mesh = extract_mesh(field["density_fn"], resolution, field["threshold"], color_fn=field["color_fn"],
-                        coarse_resolution=coarse_resolution, chunk=field["chunk"])
-    return mesh, time.perf_counter() - start
+    mesh = extract_mesh(clocked(field["density_fn"]), resolution, field["threshold"],
+                        color_fn=clocked(field["color_fn"]), coarse_resolution=coarse_resolution, chunk=field["chunk"])
+    return mesh, time.perf_counter() - start, inside[0]
 
 
 def hausdorff_cells(a: np.ndarray, b: np.ndarray, resolution: int) -> float:
@@ -86,18 +98,21 @@ def measure(field: dict, dense_resolutions: list[int], resolutions: list[int], r
     extract_mesh(field["density_fn"], 32, field["threshold"], chunk=field["chunk"])  # warm-up
     rows = []
     for res in sorted(set(dense_resolutions) | set(resolutions)):
-        dense_s, c2f_s, dense, c2f = [], [], None, None
+        dense_s, c2f_s, dense_field, c2f_field, dense, c2f = [], [], [], [], None, None
         for _ in range(repeats):  # alternated, so both see the same load
             if res in dense_resolutions:
-                dense, seconds = timed(field, res, res)
+                dense, seconds, in_field = timed(field, res, res)
                 dense_s.append(seconds)
-            c2f, seconds = timed(field, res, None)
+                dense_field.append(in_field)
+            c2f, seconds, in_field = timed(field, res, None)
             c2f_s.append(seconds)
+            c2f_field.append(in_field)
         row = {"case": field["case"], "resolution": res, "c2f_s": statistics.median(c2f_s),
-               "c2f_evaluations": c2f.stats["evaluations"], "c2f_faces": len(c2f.faces),
-               "c2f_seconds": c2f.stats["seconds"]}
+               "c2f_field_s": statistics.median(c2f_field), "c2f_evaluations": c2f.stats["evaluations"],
+               "c2f_faces": len(c2f.faces), "c2f_seconds": c2f.stats["seconds"]}
         if dense is not None:
-            row.update(dense_s=statistics.median(dense_s), speedup=statistics.median(dense_s) / row["c2f_s"],
+            row.update(dense_s=statistics.median(dense_s), dense_field_s=statistics.median(dense_field),
+                       speedup=statistics.median(dense_s) / row["c2f_s"],
                        dense_evaluations=dense.stats["evaluations"], dense_faces=len(dense.faces),
                        hausdorff_cells=hausdorff_cells(dense.vertices, c2f.vertices, res))
         rows.append(row)
@@ -107,14 +122,17 @@ def measure(field: dict, dense_resolutions: list[int], resolutions: list[int], r
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"{'case':<36} {'grid':>6} {'dense s':>8} {'c2f s':>7} {'ratio':>7} {'evaluations dense / c2f':>25}"
-          f" {'faces dense / c2f':>19} {'Hausdorff':>13} {'c2f vs first':>12}")
+    print(f"{'case':<36} {'grid':>6} {'dense s':>8} {'c2f s':>7} {'ratio':>7} {'in field dense / c2f':>21}"
+          f" {'evaluations dense / c2f':>25} {'faces dense / c2f':>19} {'Hausdorff':>13} {'c2f vs first':>12}")
     for r in rows:
         dense = "dense_s" in r
         evals = f"{r['dense_evaluations'] if dense else '-'} / {r['c2f_evaluations']}"
         faces = f"{r['dense_faces'] if dense else '-'} / {r['c2f_faces']}"
+        dense_field = f"{r['dense_field_s']:.2f}" if dense else "-"
+        in_field = f"{dense_field} / {r['c2f_field_s']:.2f} s"
         print(f"{r['case']:<36} {r['resolution']:>5}^3 {r['dense_s'] if dense else float('nan'):>8.2f}"
-              f" {r['c2f_s']:>7.2f} {r['speedup'] if dense else float('nan'):>6.1f}x {evals:>25} {faces:>19}"
+              f" {r['c2f_s']:>7.2f} {r['speedup'] if dense else float('nan'):>6.1f}x {in_field:>21} {evals:>25}"
+              f" {faces:>19}"
               f" {r['hausdorff_cells'] if dense else float('nan'):>7.4f} cells {r['c2f_over_first']:>11.2f}x")
 
 

@@ -40,6 +40,7 @@ from ln3diff_rt.surface_band import (
     dilate,
     evaluate_nodes,
     march_band,
+    referenced,
     refine,
     straddling_cells,
 )
@@ -147,20 +148,13 @@ def _vertex_colors(color_fn: ColorFn | None, vertices: np.ndarray, chunk: int) -
     return colors
 
 
-def _referenced(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Vertices [V, 3] that faces [F, 3] use, in their order, and the faces re-indexed."""
-    used = np.zeros(len(vertices), dtype=bool)
-    used[faces] = True
-    return vertices[used], np.take(np.cumsum(used) - 1, faces)
-
-
 def _drop_small_components(vertices: np.ndarray, faces: np.ndarray, min_fraction: float
                            ) -> tuple[np.ndarray, np.ndarray]:
     """Keep connected components (faces joined by a shared vertex) with at least min_fraction of the largest's faces."""
     labels = vertex_components(len(vertices), np.concatenate([faces[:, :2], faces[:, 1:]]))
     face_labels = labels[faces[:, 0]]
     sizes = np.bincount(face_labels)
-    return _referenced(vertices, faces[sizes[face_labels] >= min_fraction * sizes.max()])
+    return referenced(vertices, faces[sizes[face_labels] >= min_fraction * sizes.max()])
 
 
 def vertex_components(count: int, edges: np.ndarray) -> np.ndarray:
@@ -193,7 +187,7 @@ def _decimate(vertices: np.ndarray, faces: np.ndarray, budget: int) -> tuple[np.
         raise ImportError("decimation to a face budget needs `pip install fast-simplification`") from err
     points, tris = fast_simplification.simplify(np.ascontiguousarray(vertices, np.float64),
                                                 np.ascontiguousarray(faces, np.int64), target_count=budget)
-    return _referenced(np.asarray(points), np.asarray(tris, dtype=np.int64))
+    return referenced(np.asarray(points), np.asarray(tris, dtype=np.int64))
 
 
 def vertex_normals(vertices: np.ndarray, faces: np.ndarray) -> np.ndarray:

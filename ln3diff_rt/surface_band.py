@@ -388,6 +388,11 @@ def _weld(verts: np.ndarray, faces: np.ndarray, packed: np.ndarray, grid: tuple[
     position[np.flatnonzero(edge), axis[first][edge]] += t[first][edge]
     faces = np.take(inverse.reshape(-1), faces)  # np.take gathers ~1.5x faster than fancy indexing
     faces = faces[(faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])]
-    used = np.zeros(len(position), dtype=bool)
+    return referenced(position, faces)
+
+
+def referenced(vertices: np.ndarray, faces: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vertices [V, 3] that faces [F, 3] use, in their order, and the faces re-indexed."""
+    used = np.zeros(len(vertices), dtype=bool)
     used[faces] = True
-    return position[used], np.take(np.cumsum(used) - 1, faces)
+    return vertices[used], np.take(np.cumsum(used) - 1, faces)

@@ -48,15 +48,32 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> torch.Tensor:
     return shift * t / (1.0 + (shift - 1.0) * t)
 
 
-def guided_velocity(model: VelocityFn, x: torch.Tensor, t: torch.Tensor, cond: Condition,
-                    uncond: Condition | None, guidance: float) -> torch.Tensor:
-    """Classifier-free guidance v_u + g (v_c - v_u), with both branches in one batched forward."""
-    tt = t.expand(x.shape[0]).to(x.dtype)
-    if uncond is None or guidance == 1.0:
-        return model(x, tt, *cond.args())
-    v = model(torch.cat([x, x]), torch.cat([tt, tt]), *Condition.cat([cond, uncond]).args())
-    v_cond, v_uncond = v.chunk(2)
-    return v_uncond + guidance * (v_cond - v_uncond)
+def bind(model: VelocityFn, cond: Condition) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """model(x, t, *cond.args()) as (x, t) -> v. A model whose class has `bind_condition` (the DiT) computes the
+    part that depends on the condition alone once, not at every step. Looked up on the class: a compiled module
+    or engine wrapping the DiT runs its own graph, whatever attributes it forwards."""
+    binder = getattr(type(model), "bind_condition", None)
+    if binder is not None:
+        return binder(model, *cond.args())
+    args = cond.args()
+    return lambda x, t: model(x, t, *args)
+
+
+def guided(model: VelocityFn, cond: Condition, uncond: Condition | None, scale: float
+           ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """(x, t) -> classifier-free guided velocity v_u + scale (v_c - v_u), both branches in one batched forward;
+    the conditions are fixed here, once per sampling run."""
+    if uncond is None or scale == 1.0:
+        plain = bind(model, cond)
+        return lambda x, t: plain(x, t.expand(x.shape[0]).to(x.dtype))
+    both = bind(model, Condition.cat([cond, uncond]))
+
+    def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        tt = t.expand(x.shape[0]).to(x.dtype)
+        v_cond, v_uncond = both(torch.cat([x, x]), torch.cat([tt, tt])).chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    return velocity
 
 
 @torch.no_grad()
@@ -71,13 +88,14 @@ def sample(model: VelocityFn, noise: torch.Tensor, cond: Condition, uncond: Cond
     if method not in ("euler", "heun"):
         raise ValueError(f"sampler must be 'euler' or 'heun', got {method!r}")
     ts = time_grid(steps, shift, device=noise.device)
+    velocity = guided(model, cond, uncond, guidance)
     x = noise
     for i in range(steps):
         t, t_next = ts[i], ts[i + 1]
-        v = guided_velocity(model, x, t, cond, uncond, guidance)
+        v = velocity(x, t)
         x_next = x + (t_next - t) * v
         if method == "heun" and t_next > 0:
-            v_next = guided_velocity(model, x_next, t_next, cond, uncond, guidance)
+            v_next = velocity(x_next, t_next)
             x_next = x + (t_next - t) * 0.5 * (v + v_next)
         x = x_next
         if callback is not None:

@@ -187,3 +187,50 @@ def test_encoder_latents_depend_on_the_views():
         a, _ = vae.encode(red, c2w, intr)
         b, _ = vae.encode(blue, c2w, intr)
     assert (a - b).std() > 0.1 * a.std()  # untrained, the input already shapes the latent
+
+
+@pytest.mark.parametrize("image_dim", [0, 24])
+def test_dit_bound_to_a_condition_predicts_what_forward_does(image_dim):
+    """Sampling binds the condition once (`bind_condition`: the cross-attention's keys and values computed before
+    the steps); each step must give forward's prediction exactly, with and without image tokens."""
+    torch.manual_seed(3)
+    cfg = get_preset("tiny")
+    cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, image_dim=image_dim))
+    dit = DiT(cfg)
+    for p in dit.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    ctx, pooled = torch.randn(3, 7, cfg.dit.context_dim), torch.randn(3, cfg.dit.context_dim)
+    image = None
+    if image_dim:
+        image = torch.randn(3, 5, image_dim)
+        image[1] = 0  # "no image" for one sample of the batch
+    with torch.no_grad():
+        step = dit.bind_condition(ctx, pooled, image)
+        for t in (0.9, 0.35):
+            x, tt = torch.randn(3, *cfg.latent_shape), torch.full((3,), t)
+            assert torch.equal(step(x, tt), dit(x, tt, ctx, pooled, image))
+
+
+def test_sampling_computes_the_condition_once_and_compiled_wrappers_keep_their_own_graph():
+    from ln3diff_rt.sampling import Condition, sample
+
+    torch.manual_seed(4)
+    cfg = get_preset("tiny")
+    dit = DiT(cfg)
+    for p in dit.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    calls = []
+    dit.blocks[0].cross.to_kv.register_forward_hook(lambda *_: calls.append(1))
+    cond = Condition(torch.randn(2, 9, cfg.dit.context_dim), torch.randn(2, cfg.dit.context_dim))
+    uncond = Condition(torch.randn(2, 9, cfg.dit.context_dim), torch.randn(2, cfg.dit.context_dim))
+    noise = torch.randn(2, *cfg.latent_shape)
+    bound = sample(dit, noise, cond, uncond, steps=5, guidance=3.0)
+    assert len(calls) == 1  # the first block's cross keys and values: once for 5 steps (both branches batched)
+    # The plain path (what a compiled module or engine gets) computes them at each step, and samples the same.
+    unbound = sample(lambda *args: dit(*args), noise, cond, uncond, steps=5, guidance=3.0)
+    assert len(calls) == 1 + 5
+    torch.testing.assert_close(bound, unbound, rtol=0, atol=1e-6)
+
+    # torch.compile's module forwards attribute lookups to the DiT, yet `bind` must call its compiled forward.
+    compiled = torch.compile(dit)  # compiles on its first call, which this test never makes
+    assert hasattr(compiled, "bind_condition") and getattr(type(compiled), "bind_condition", None) is None

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from ln3diff_rt.sampling import Condition, flow_matching_loss, guided_velocity, sample, time_grid
+from ln3diff_rt.sampling import Condition, flow_matching_loss, guided, sample, time_grid
 
 MEANS = torch.tensor([[-1.5, 0.5], [1.0, -1.0], [0.5, 1.5]])
 STD = 0.25
@@ -85,7 +85,7 @@ def test_guidance_combines_branches_in_one_batch():
     x = torch.randn(3, 2)
     cond = Condition(torch.zeros(3, 4, 5), torch.full((3, 5), 2.0))
     uncond = Condition(torch.zeros(3, 4, 5), torch.full((3, 5), 0.5))
-    v = guided_velocity(model, x, torch.tensor(0.3), cond, uncond, guidance=4.0)
+    v = guided(model, cond, uncond, 4.0)(x, torch.tensor(0.3))
     assert calls == [6]  # cond and uncond in one forward
     assert torch.allclose(v, torch.full_like(x, 0.5 + 4.0 * (2.0 - 0.5)))
-    assert torch.allclose(guided_velocity(model, x, torch.tensor(0.3), cond, uncond, 1.0), torch.full_like(x, 2.0))
+    assert torch.allclose(guided(model, cond, uncond, 1.0)(x, torch.tensor(0.3)), torch.full_like(x, 2.0))

@@ -23,10 +23,19 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.attend(x, *self.keys_values(x if context is None else context))
+
+    def keys_values(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """context [B, L, D] -> keys and values [B, H, L, Dh] (apart from `attend`, so that a fixed context's are
+        computed once: the DiT's cross-attention while sampling)."""
+        b, n, _ = context.shape
+        heads, dh = self.heads, self.proj.in_features // self.heads
+        k, v = self.to_kv(context).view(b, n, 2, heads, dh).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def attend(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        ctx = x if context is None else context
         q = self.to_q(x).view(b, n, self.heads, d // self.heads).transpose(1, 2)
-        k, v = self.to_kv(ctx).view(b, ctx.shape[1], 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         out = attention(q, k, v)  # [B, H, N, Dh]
         return self.proj(out.transpose(1, 2).reshape(b, n, d))
 

@@ -24,6 +24,7 @@ from ln3diff_rt.checkpoint import Models, load_models
 from ln3diff_rt.conventions import FIELD_CHUNK, PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
 from ln3diff_rt.images import centre_object
 from ln3diff_rt.meshing import MeshResult, extract_mesh
+from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.models.field import TriplaneField
 from ln3diff_rt.models.projected_field import ProjectedTriplaneField
 from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
@@ -94,8 +95,25 @@ def compiled_components(eager: Components, device: str, **_: object) -> Componen
     if not str(device).startswith("cuda") and isinstance(field, TriplaneField):
         field = ProjectedTriplaneField(field)
     field = torch.compile(field, dynamic=True)
-    return Components(eager.text_encoder, torch.compile(eager.denoiser), torch.compile(eager.decoder), field,
-                      eager.image_encoder)
+    denoiser = CompiledDiT(eager.denoiser) if isinstance(eager.denoiser, DiT) else torch.compile(eager.denoiser)
+    return Components(eager.text_encoder, denoiser, torch.compile(eager.decoder), field, eager.image_encoder)
+
+
+class CompiledDiT:
+    """torch.compile of the project's DiT that samples as eager does (`DiT.bind_condition`): the condition's part
+    (the cross-attention's keys and values) runs once per sampling run, each step runs the compiled `denoise`.
+    Called with the whole condition, it is the compiled `forward`."""
+
+    def __init__(self, dit: DiT):
+        self.dit, self.forward, self.denoise = dit, torch.compile(dit), torch.compile(dit.denoise)
+
+    def __call__(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.forward(*args)
+
+    def bind_condition(self, context: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor | None = None
+                       ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        cond = self.dit.condition(context, pooled, image_tokens)
+        return lambda x, t: self.denoise(x, t, cond)
 
 
 class ConditionCache:

@@ -278,3 +278,35 @@ def test_compile_backend_compiles_the_gather_form_of_the_field_on_the_cpu():
             torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
     other = Components(lambda prompts: None, denoiser, denoiser, lambda planes, points: (planes, points))
     assert compiled_components(other, device="cpu").field is not other.field  # compiled as it is
+
+
+def test_compile_backend_samples_with_the_condition_bound_as_eager_does():
+    """The compiled DiT keeps `bind_condition`: the cross-attention's keys and values once per sampling run (eager),
+    each step the compiled `denoise`; called with a whole condition it is the compiled forward. Checked under
+    set_stance("force_eager") (bench_backends times Inductor's own)."""
+    from ln3diff_rt.config import get_preset
+    from ln3diff_rt.models.dit import DiT
+    from ln3diff_rt.pipeline import CompiledDiT, compiled_components
+    from ln3diff_rt.sampling import Condition, sample
+
+    torch.manual_seed(5)
+    cfg = get_preset("tiny")
+    dit = DiT(cfg).eval()
+    for p in dit.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    compiled = compiled_components(Components(lambda prompts: None, dit, torch.nn.Identity(), lambda *a: a),
+                                   device="cpu").denoiser
+    assert isinstance(compiled, CompiledDiT) and compiled.forward._orig_mod is dit
+    calls = []
+    dit.blocks[-1].cross.to_kv.register_forward_hook(lambda *_: calls.append(1))
+    cond, uncond = (Condition(torch.randn(2, 5, cfg.dit.context_dim), torch.randn(2, cfg.dit.context_dim))
+                    for _ in range(2))
+    noise = torch.randn(2, *cfg.latent_shape)
+    with torch.compiler.set_stance("force_eager"):
+        got = sample(compiled, noise, cond, uncond, steps=4, guidance=2.5)
+        assert len(calls) == 1
+        x, t = torch.randn(3, *cfg.latent_shape), torch.rand(3)
+        ctx, pooled = torch.randn(3, 5, cfg.dit.context_dim), torch.randn(3, cfg.dit.context_dim)
+        with torch.no_grad():
+            assert torch.equal(compiled(x, t, ctx, pooled), dit(x, t, ctx, pooled))
+    torch.testing.assert_close(got, sample(dit, noise, cond, uncond, steps=4, guidance=2.5), rtol=0, atol=0)

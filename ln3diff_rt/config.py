@@ -32,6 +32,9 @@ class EncoderConfig:
     width: int = 128  # token width of the view-to-plane lift
     lift_depth: int = 2
     lift_heads: int = 2
+    # Trunk levels the geometric lift samples, finest last: 1 = the last (stride f) only; 2 adds the one before
+    # (stride f / 2), where an object ~12 px wide in a 64 px view is still ~3 feature pixels across, not ~1.5.
+    lift_levels: int = 1
 
     @property
     def in_channels(self) -> int:

@@ -189,6 +189,32 @@ def test_encoder_latents_depend_on_the_views():
     assert (a - b).std() > 0.1 * a.std()  # untrained, the input already shapes the latent
 
 
+def test_encoder_lift_samples_finer_trunk_levels():
+    """lift_levels = 2 also samples the trunk level before the last (stride f / 2): a detail smaller than one
+    stride-f feature pixel reaches the latent through it (its weights get a gradient and change the latent);
+    1 keeps the checkpoint layout of the shipped model's encoder (no extra weights); out of range is refused."""
+    torch.manual_seed(1)
+    base = get_preset("tiny")
+    v = base.encoder.num_views
+    c2w = torch.stack([orbit_camera(90.0 * i + 10.0, 20.0, 4.0) for i in range(v)])[None]
+    intr = intrinsics_from_fov(0.9, 64, 64).expand(1, v, 4)
+    views = torch.rand(1, v, 3, 64, 64)  # RGB; the VAE appends the rays
+    one = TriplaneVAE(base)
+    assert not any(k.startswith("encoder.to_fine") for k in one.state_dict())
+    cfg = base.replace(encoder=dataclasses.replace(base.encoder, lift_levels=2))
+    two = TriplaneVAE(cfg)
+    assert two.encoder.to_fine[0][-1].in_channels == base.encoder.channels[-2]
+    mean, _ = two.encode(views, c2w, intr)
+    assert mean.shape == one.encode(views, c2w, intr)[0].shape
+    mean.square().sum().backward()
+    assert two.encoder.to_fine[0][-1].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        two.encoder.to_fine[0][-1].weight.mul_(2.0)
+        assert not torch.allclose(two.encode(views, c2w, intr)[0], mean)
+    with pytest.raises(ValueError, match="lift_levels 4"):
+        TriplaneVAE(base.replace(encoder=dataclasses.replace(base.encoder, lift_levels=4)))
+
+
 @pytest.mark.parametrize("image_dim", [0, 24])
 def test_dit_bound_to_a_condition_predicts_what_forward_does(image_dim):
     """Sampling binds the condition once (`bind_condition`: the cross-attention's keys and values computed before

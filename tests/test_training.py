@@ -47,6 +47,14 @@ def test_vae_steps_lower_the_loss(dataset, tmp_path):
     assert records(tmp_path / "log.jsonl", "eval")  # held-out PSNR at the last step
 
 
+def test_vae_encoder_and_latent_flags_reach_the_checkpoint(dataset, tmp_path):
+    """--latent-channels and --lift-levels change the model trained and are what its checkpoint loads as."""
+    path = vae_training.train(small_vae_config(dataset, tmp_path, steps=2, latent_channels=6, lift_levels=2))
+    models = load_models(path)
+    assert models.config.latent_channels == 6 and models.config.encoder.lift_levels == 2
+    assert models.vae.encoder.head[-1].out_features == 12 and len(models.vae.encoder.to_fine) == 1
+
+
 def test_vae_resume_after_interrupt_is_exact(dataset, tmp_path, monkeypatch):
     _, log = vae_resumes_exactly(monkeypatch, lambda name, resume: small_vae_config(dataset, tmp_path / name,
                                                                                     resume=resume), interrupt_at=3)

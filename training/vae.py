@@ -49,6 +49,10 @@ class VAETrainConfig:
     lr: float = flag(4e-4, "peak AdamW learning rate, cosine decay to 10%")
     warmup: int = flag(100, "linear warm-up steps")
     input_views: int = flag(0, "views given to the encoder (default: the preset's)")  # 0: encoder.num_views
+    latent_channels: int = flag(0, "channels of each latent plane (default: the preset's; the DiT's tokens carry "
+                                "them, its token count stays)")  # 0: the preset's latent_channels
+    lift_levels: int = flag(0, "encoder trunk levels the lift to the tri-plane samples: 1 = the coarsest, 2 adds the "
+                            "next finer one (default: the preset's)")  # 0: encoder.lift_levels
     target_views: int = flag(4, "novel views rays are drawn from per object")
     rays_per_object: int = flag(1024, "random rays rendered per object per step (memory knob)")
     foreground_fraction: float = flag(0.5, "share of rays drawn inside the object mask (the rest uniform)")
@@ -199,8 +203,12 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     device = dist_env.device(cfg.device)
     model_cfg: ModelConfig = get_preset(cfg.preset)
     input_views = cfg.input_views or model_cfg.encoder.num_views
-    if input_views != model_cfg.encoder.num_views:
-        model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views))
+    lift_levels = cfg.lift_levels or model_cfg.encoder.lift_levels
+    if (input_views, lift_levels) != (model_cfg.encoder.num_views, model_cfg.encoder.lift_levels):
+        model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views,
+                                                                  lift_levels=lift_levels))
+    if cfg.latent_channels and cfg.latent_channels != model_cfg.latent_channels:
+        model_cfg = model_cfg.replace(latent_channels=cfg.latent_channels)
     on_error = "raise" if cfg.fail_on_bad_object else "skip"
     size = model_cfg.encoder.image_size
     albedo_weight = cfg.albedo_weight if cfg.albedo else 0.0

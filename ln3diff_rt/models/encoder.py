@@ -101,11 +101,17 @@ class Encoder(nn.Module):
         self.stem = nn.Conv2d(enc.in_channels, chans[0], 3, padding=1)
         self.trunk = nn.Sequential(*(DownBlock(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)))
         self.to_tokens = nn.Sequential(_norm(chans[-1]), nn.SiLU(), nn.Conv2d(chans[-1], enc.width, 1))
+        if not 1 <= enc.lift_levels <= len(enc.channels):
+            raise ValueError(f"encoder.lift_levels {enc.lift_levels}: expected 1 to {len(enc.channels)} (trunk levels)")
+        # Finer trunk levels the lift also samples (none by default), each to the token width.
+        self.to_fine = nn.ModuleList(nn.Sequential(_norm(c), nn.SiLU(), nn.Conv2d(c, enc.width, 1))
+                                     for c in enc.channels[len(enc.channels) - enc.lift_levels:-1])
         self.view_pos = nn.Parameter(torch.zeros(1, self.size * self.size, enc.width))
         self.depths = min(self.size, 8)
         self.register_buffer("lift_points", plane_sample_points(self.size, self.depths).reshape(-1, 3),
                              persistent=False)
-        self.lift = nn.Sequential(nn.LayerNorm(self.depths * enc.width), nn.Linear(self.depths * enc.width, enc.width))
+        lifted = self.depths * enc.width * enc.lift_levels
+        self.lift = nn.Sequential(nn.LayerNorm(lifted), nn.Linear(lifted, enc.width))
         self.register_buffer("plane_pos", triplane_pos_embed(enc.width, self.size)[None], persistent=False)
         self.blocks = nn.ModuleList(LiftBlock(enc.width, enc.lift_heads) for _ in range(enc.lift_depth))
         self.head = nn.Sequential(nn.LayerNorm(enc.width), nn.Linear(enc.width, 2 * cfg.latent_channels))
@@ -117,9 +123,16 @@ class Encoder(nn.Module):
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """views [B, V, Cin, H, W], cameras c2w [B, V, 4, 4], intrinsics [B, V, 4] -> mean, logvar [B, 3, c, h, w]."""
         b, v = views.shape[:2]
-        feats = self.to_tokens(self.trunk(self.stem(views.flatten(0, 1))))  # [B*V, D, h, w]
-        lifted = project_to_views(feats.reshape(b, v, *feats.shape[1:]), self.lift_points, c2w, intrinsics,
-                                  views.shape[-2:])  # [B, 3*h*w*K, D]
+        x, levels = self.stem(views.flatten(0, 1)), []
+        for i, block in enumerate(self.trunk):
+            x = block(x)
+            fine = i - (len(self.trunk) - 1 - len(self.to_fine))
+            if 0 <= fine < len(self.to_fine):
+                levels.append(self.to_fine[fine](x))
+        feats = self.to_tokens(x)  # [B*V, D, h, w]
+        levels.append(feats)
+        lifted = torch.cat([project_to_views(f.reshape(b, v, *f.shape[1:]), self.lift_points, c2w, intrinsics,
+                                             views.shape[-2:]) for f in levels], dim=-1)  # [B, 3*h*w*K, D*levels]
         planes = self.lift(lifted.reshape(b, 3 * self.size * self.size, -1)) + self.plane_pos
         tokens = feats.flatten(2).transpose(1, 2) + self.view_pos  # [B*V, h*w, D]
         tokens = tokens.reshape(b, v * tokens.shape[1], -1)

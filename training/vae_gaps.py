@@ -80,7 +80,8 @@ def gaps(ckpt: str, data: str, objects: int = 4, steps: int = 100, lr: float = 3
         with torch.no_grad():
             mean, _ = vae.encode(*(item[k][None] for k in ("input_images", "input_c2w", "input_intrinsics")))
             planes = vae.decode(mean)
-        row = {"object": val.records[i].transforms_path.parent.name, "shape": val.records[i].meta.get("ln3diff_synth", {}).get("shape"),
+        record = val.records[i]
+        row = {"object": record.transforms_path.parent.name, "shape": record.meta.get("ln3diff_synth", {}).get("shape"),
                "encoder": _psnr(vae, planes, views)}
         row["latent fit"] = _psnr(vae, _fit(vae, mean, vae.decode, views, steps, lr, rays, seed), views)
         row["tri-plane fit"] = _psnr(vae, _fit(vae, planes, lambda p: p, views, steps, lr, rays, seed), views)

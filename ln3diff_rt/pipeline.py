@@ -112,8 +112,7 @@ class CompiledDiT:
 
     def bind_condition(self, context: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor | None = None
                        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        cond = self.dit.condition(context, pooled, image_tokens)
-        return lambda x, t: self.denoise(x, t, cond)
+        return self.dit.bind_condition(context, pooled, image_tokens, step=self.denoise)
 
 
 class ConditionCache:

@@ -302,9 +302,11 @@ def test_compile_backend_samples_with_the_condition_bound_as_eager_does():
     cond, uncond = (Condition(torch.randn(2, 5, cfg.dit.context_dim), torch.randn(2, cfg.dit.context_dim))
                     for _ in range(2))
     noise = torch.randn(2, *cfg.latent_shape)
+    steps, compiled_step = [], compiled.denoise
+    compiled.denoise = lambda *args: steps.append(1) or compiled_step(*args)
     with torch.compiler.set_stance("force_eager"):
         got = sample(compiled, noise, cond, uncond, steps=4, guidance=2.5)
-        assert len(calls) == 1
+        assert len(calls) == 1 and len(steps) == 4  # each step through the compiled denoise
         x, t = torch.randn(3, *cfg.latent_shape), torch.rand(3)
         ctx, pooled = torch.randn(3, 5, cfg.dit.context_dim), torch.randn(3, cfg.dit.context_dim)
         with torch.no_grad():

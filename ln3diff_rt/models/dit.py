@@ -114,12 +114,14 @@ class DiT(nn.Module):
         """
         return self.denoise(x, t, self.condition(context, pooled, image_tokens))
 
-    def bind_condition(self, context: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor | None = None
+    def bind_condition(self, context: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor | None = None,
+                       step: Callable[[torch.Tensor, torch.Tensor, DiTCondition], torch.Tensor] | None = None
                        ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
         """`forward` with its condition fixed, for a sampler's steps: (x, t) -> v, the condition's part computed
-        once (the cross-attention's keys and values were ~20% of a step's multiply-adds on the shipped model)."""
-        cond = self.condition(context, pooled, image_tokens)
-        return lambda x, t: self.denoise(x, t, cond)
+        once (the cross-attention's keys and values were ~20% of a step's multiply-adds on the shipped model).
+        `step` runs each step (`denoise`; the compile backend passes its compiled `denoise`)."""
+        cond, step = self.condition(context, pooled, image_tokens), step or self.denoise
+        return lambda x, t: step(x, t, cond)
 
     def condition(self, context: torch.Tensor, pooled: torch.Tensor, image_tokens: torch.Tensor | None = None
                   ) -> DiTCondition:

@@ -71,6 +71,12 @@ def _unflat(keys: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([keys // (n * n), keys // n % n, keys % n], dim=-1)
 
 
+def _outer(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, combine: Callable) -> torch.Tensor:
+    """combine(combine(x, y), z) over every choice of one column of each of x, y, z [S, 2] -> [S * 8], x slowest."""
+    xy = combine(x[:, :, None], y[:, None, :]).reshape(-1, 4)
+    return combine(xy[:, :, None], z[:, None, :]).reshape(-1)
+
+
 def _grid(side: int) -> torch.Tensor:
     """Offsets [side^3, 3] of a cube of nodes, row-major."""
     axis = torch.arange(side)
@@ -82,6 +88,9 @@ _FAR_CUBE = _CUBE[(_CUBE == 2).any(dim=1)]  # [19, 3] a cell's finer nodes on it
 _FAR_KEYS = _pack(_FAR_CUBE)
 # A far node is also a node of the cells above along its far axes (_CORNERS[1:] within those axes).
 _FAR_SHARED = ((_CORNERS[None, 1:, :] == 1) <= (_FAR_CUBE[:, None, :] == 2)).all(dim=2)  # [19, 7]
+_ABOVE_BITS = 1 << torch.arange(7)  # which of a cell's 7 upper neighbours are split, as one 7-bit code
+# The far nodes a cell still owns for each code [128, 19]: one lookup per cell instead of a [19, 7] test.
+_FAR_OWNED = ~(((torch.arange(128)[:, None] & _ABOVE_BITS) > 0)[:, None, :] & _FAR_SHARED[None]).any(dim=2)
 _LOCAL_KEYS = _pack(_grid(BRICK))  # [BRICK^3] a brick's nodes, in the order of its values
 
 
@@ -255,7 +264,9 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
     split = torch.zeros_like(seed)
     limit = min(m - 1, (valid_cells + 1) // 2)  # cells from here on hold no valid finer cell
     new = seed[:limit, :limit, :limit].nonzero()
-    coarse_inside = (lattice.coarse > threshold).view(-1)
+    coarse_inside = lattice.coarse > threshold
+    cell_inside = coarse_inside[:-1, :-1, :-1].reshape(-1)  # a cell's side: its lower corner's
+    coarse_inside = coarse_inside.view(-1)
     evaluations = 0
     error = torch.zeros(split.shape)  # [m-1]^3 largest |evaluated - interpolated| at a cell's lower nodes
     gap = (lattice.coarse - threshold).abs()
@@ -275,7 +286,7 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
         inside = (above < m - 1).all(dim=2)
         above = above.clamp(max=m - 2)
         taken = split[above[..., 0], above[..., 1], above[..., 2]] & inside
-        far = (first[:, None] + _FAR_KEYS[None])[~(taken[:, None, :] & _FAR_SHARED[None]).any(dim=2)]
+        far = (first[:, None] + _FAR_KEYS[None])[_FAR_OWNED[(taken * _ABOVE_BITS).sum(dim=1)]]
         x, y, z = _axes(far)
         far = far[(x < valid_nodes) & (y < valid_nodes) & (z < valid_nodes)]
         fresh, values, guessed = lattice.fill(torch.cat([own, lattice.index(far, create=True)]), evaluate)
@@ -285,12 +296,11 @@ def refine(lattice: BrickLattice, seed: torch.Tensor, threshold: float, valid_ce
         x, y, z = (a >> 1 for a in _axes(fresh))  # the coarse node below each node
         inside = values > threshold
         surprise = (values == threshold) | (coarse_inside[_flat(x, y, z, m)] != inside)
-        around = ((_unpack(fresh[surprise])[:, None, :] + _CORNERS[None] - 1) >> 1).reshape(-1, 3)
-        inside = inside[surprise].repeat_interleave(8)
-        ok = ((around >= 0) & (around < limit)).all(dim=1)
-        around, inside = around[ok], inside[ok]
-        cells = _flat(*around.unbind(1), m - 1)
-        grow = [cells[coarse_inside[_flat(*around.unbind(1), m)] != inside]]  # a cell's lower corner: its side
+        # The 2x2x2 cells around each such node, per axis first ([S, 2]: (a - 1) >> 1 and a >> 1), then combined.
+        around = [torch.stack([(a - 1) >> 1, a >> 1], dim=1) for a in _axes(fresh[surprise])]
+        ok = _outer(*((a >= 0) & (a < limit) for a in around), torch.logical_and)
+        cells = _outer(*around, lambda i, j: i * (m - 1) + j)[ok]
+        grow = [cells[cell_inside[cells] != inside[surprise].repeat_interleave(8)[ok]]]
         # A cell whose corners come closer to the threshold than NEAR_FACTOR x the interpolation error
         # seen at a neighbour's nodes may hold a small piece of surface of its own (a floater beside the band).
         lower = _flat(x.clamp(max=m - 2), y.clamp(max=m - 2), z.clamp(max=m - 2), m - 1)

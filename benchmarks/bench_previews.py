@@ -3,11 +3,13 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_previews.py [--repeats 5] [--png previews.png] [--json out.json]
     OMP_NUM_THREADS=1 python benchmarks/bench_previews.py --baseline-rev 0ff5585   # against that commit's previews
 
-For each prompt the shipped model makes one tri-plane; its default previews (8 frames of 128 px) are
-rendered by `Generator.render_previews` (candidate) and by a baseline, alternated in one process: by
-default the renderer at the model's own sample counts marching every sample (`render_chunked`
-without an occupancy grid, the image training and evaluation see); with `--baseline-rev REV`, the
-preview path of that commit's `ln3diff_rt/rendering.py` (its occupancy grid, the model's counts).
+For each prompt the shipped model makes one tri-plane and its default mesh; its default previews (8 frames of
+128 px) are rendered by `Generator.render_previews` as a request calls it, with that mesh (candidate: the mesh
+rasterised, coloured by the field's lit colour at its vertices), and by a baseline, alternated in one process:
+by default the field ray-marched at the model's own sample counts, every sample (`render_chunked` without an
+occupancy grid, the image training and evaluation see); with `--baseline-rev REV`, the preview path of that
+commit's `ln3diff_rt/rendering.py` (its occupancy grid, the model's counts). The error is then the asset's
+frames against the field's (its silhouette is a pixel narrower: the field's density is soft across the surface).
 Image error is the mean absolute difference of the uint8 frames (0-255, RGB), over all pixels and
 over the baseline's object pixels (not background), and the largest. Then whole warm requests
 (mesh, GLB, previews) with the default previews and with none, alternated: per-object time and the
@@ -90,11 +92,12 @@ def timed(fn, *args):
 def compare_previews(gen: Generator, prompt: str, seed: int, repeats: int, module) -> tuple[dict, list, list]:
     planes = next(run(gen, [Request(prompt, seed, GenerationOptions(preview_views=0), mesh=False)])).triplane
     options = GenerationOptions()
+    mesh = gen.extract_mesh(planes, options)  # the request's mesh, which its previews show
     base_s, cand_s = [], []
     for _ in range(repeats + 1):  # the first pair warms up
         t, base = timed(baseline_previews, gen, planes, options, module)
         base_s.append(t)
-        t, cand = timed(gen.render_previews, planes, options)
+        t, cand = timed(gen.render_previews, planes, options, None, mesh)
         cand_s.append(t)
     base_ms, cand_ms = statistics.median(base_s[1:]) * 1e3, statistics.median(cand_s[1:]) * 1e3
     row = {"case": prompt, "baseline_ms": base_ms, "candidate_ms": cand_ms, "ratio": base_ms / cand_ms,
@@ -140,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     gen = Generator.from_checkpoint(args.ckpt)
     module = None if args.baseline_rev is None else rendering_at(args.baseline_rev)
     baseline = f"previews at {args.baseline_rev}" if module else "every sample, model counts"
-    print(f"baseline: {baseline}; candidate: Generator.render_previews; threads {torch.get_num_threads()}")
+    print(f"baseline: {baseline}; candidate: Generator.render_previews of the request's mesh; "
+          f"threads {torch.get_num_threads()}")
     print(f"{'case':<22} {'baseline ms':>11} {'candidate ms':>12} {'ratio':>6} {'err mean':>8} "
           f"{'err object':>10} {'err max':>7}")
     rows, pairs = [], []

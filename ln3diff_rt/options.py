@@ -104,7 +104,8 @@ class GenerationOptions:
     mesh_resolution: int = _option(128, "marching-cubes grid per axis, refined coarse to fine", lo=16, hi=512,
                                    flag="resolution")
     faces: int = _option(30000, "face budget of the decimated mesh; 0 keeps every face", lo=0, hi=10_000_000)
-    preview_views: int = _option(8, "turntable preview frames, 0 for none; on a CPU most of a request", lo=0,
+    preview_views: int = _option(8, "turntable preview frames, 0 for none: the mesh as exported (lit colour), or the "
+                                    "field ray-marched where no mesh is made", lo=0,
                                  hi=120, flag="views")
     preview_size: int = _option(128, "preview frame size in pixels", lo=16, hi=1024)
     height: float = _option(0.0, "the asset's height in metres; 0 takes it from the prompt's size word (tiny 0.25, "

@@ -31,6 +31,7 @@ from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
 from ln3diff_rt.official.flow import sample_flow
 from ln3diff_rt.options import GenerationOptions, InvalidOption
+from ln3diff_rt.raster import rasterize
 from ln3diff_rt.rendering import FieldFn, occupancy_grid, preview_renderer, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
@@ -324,12 +325,17 @@ class Generator:
 
     @torch.no_grad()
     def render_previews(self, planes: torch.Tensor, options: GenerationOptions,
-                        on_view: Callable[[int], None] | None = None) -> list[np.ndarray]:
+                        on_view: Callable[[int], None] | None = None, mesh: MeshResult | None = None
+                        ) -> list[np.ndarray]:
         """A turntable of `preview_views` frames [H, W, 3] uint8 around one tri-plane [3, C, R, R].
 
-        `on_view(i)` runs before frame i and before each of its ray chunks (cancellation checks)."""
+        With a `mesh` (the request's, not empty) the frames rasterise it, coloured by the field's lit colour at
+        its vertices: the asset as it is, at a few ms a frame. Without one they ray-march the field (its
+        occupied cells). `on_view(i)` runs before frame i and before each of its ray chunks (cancellation)."""
         size = options.preview_size
         intrinsics = intrinsics_from_fov(PREVIEW_FOV, size, size)
+        if mesh is not None and not mesh.empty and options.preview_views:
+            return self._mesh_previews(planes, mesh, options, intrinsics, on_view)
         planes = planes[None].to(self.device)
         occupancy = occupancy_grid(self.components.field, planes) if options.preview_views else None
         frames = []
@@ -344,4 +350,20 @@ class Generator:
                                  on_chunk=None if on_view is None else lambda i=i: on_view(i))
             rgb = out.rgb[0].reshape(size, size, 3).clamp(0, 1)
             frames.append((rgb * 255.0 + 0.5).to(torch.uint8).cpu().numpy())
+        return frames
+
+    def _mesh_previews(self, planes: torch.Tensor, mesh: MeshResult, options: GenerationOptions,
+                       intrinsics: torch.Tensor, on_view: Callable[[int], None] | None) -> list[np.ndarray]:
+        vertices = torch.from_numpy(np.ascontiguousarray(mesh.vertices, dtype=np.float32))
+        faces = torch.from_numpy(np.ascontiguousarray(mesh.faces, dtype=np.int64))
+        lit = torch.cat([self.colour_fn(planes, lit=True)(vertices[i:i + FIELD_CHUNK])
+                         for i in range(0, len(vertices), FIELD_CHUNK)])
+        frames = []
+        for i in range(options.preview_views):
+            if on_view is not None:
+                on_view(i)
+            c2w = orbit_camera(360.0 * i / options.preview_views - 90.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
+            rgb = rasterize(vertices, faces, lit, c2w, intrinsics, options.preview_size,
+                            self.config.renderer.background).clamp(0, 1)
+            frames.append((rgb * 255.0 + 0.5).to(torch.uint8).numpy())
         return frames

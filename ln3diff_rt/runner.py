@@ -244,7 +244,7 @@ def _finish_object(gen: Generator, i: int, request: Request, latent: torch.Tenso
             exports = _asset_files(gen, request, planes, mesh_result, placement, stage, checked_field, still_wanted)
     if options.preview_views:
         with stage("preview"):
-            previews = gen.render_previews(planes, options, on_view=still_wanted)
+            previews = gen.render_previews(planes, options, on_view=still_wanted, mesh=mesh_result)
     return GenerationResult(request, i, latent.cpu(), planes.cpu(), mesh_result, exports, previews, clock.times,
                             placement)
 

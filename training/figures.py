@@ -18,11 +18,12 @@ the encoder sees it (centred, at its input size), four turntable views and the m
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ln3diff_rt.cameras import camera_rays, intrinsics_from_fov, orbit_camera
 from ln3diff_rt.conventions import PREVIEW_ELEVATION, PREVIEW_FOV, PREVIEW_RADIUS
@@ -30,6 +31,7 @@ from ln3diff_rt.images import centre_object, read_image
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.raster import rasterize
 from ln3diff_rt.rendering import render_chunked
 from ln3diff_rt.runner import Request, generate, run
 from training.data.dataset import MultiViewDataset, load_image
@@ -86,28 +88,21 @@ def vae_reconstructions(generator: Generator, data: str, views: int = 3) -> list
 
 
 def draw_mesh(mesh: MeshResult, c2w: torch.Tensor, size: int = 256, fov: float = PREVIEW_FOV) -> np.ndarray:
-    """Flat-shaded faces, far to near (painter's algorithm), back faces culled, over white."""
-    image = Image.new("RGB", (size, size), "white")
+    """Flat-shaded faces (each its own vertices, so one colour a face), back faces culled, over white: the
+    faceting a preview's smooth colours hide, rasterised as previews are (`ln3diff_rt.raster`)."""
     if mesh.empty:
-        return np.asarray(image)
-    world_to_camera = torch.linalg.inv(c2w).numpy()
-    vertices = mesh.vertices @ world_to_camera[:3, :3].T + world_to_camera[:3, 3]  # camera looks down -z
-    fx, fy, cx, cy = intrinsics_from_fov(fov, size, size).tolist()
-    depth = -vertices[:, 2]
-    pixels = np.stack([cx + fx * vertices[:, 0] / depth, cy - fy * vertices[:, 1] / depth], axis=1)
-    tri = vertices[mesh.faces]
-    normals = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-    normals /= np.linalg.norm(normals, axis=1, keepdims=True) + 1e-12
-    centres = tri.mean(axis=1)
-    facing = (normals * centres).sum(axis=1) < 0  # normal points back towards the camera at the origin
-    light = np.array([0.3, 0.5, 0.8]) / np.linalg.norm([0.3, 0.5, 0.8])  # over the viewer's shoulder
-    shade = 0.35 + 0.65 * np.clip(normals @ light, 0.0, 1.0)
-    colours = mesh.vertex_colors[mesh.faces, :3].mean(axis=1) * shade[:, None]
-    draw = ImageDraw.Draw(image)
-    for f in np.argsort(centres[:, 2]):  # farthest (most negative z) first
-        if facing[f]:
-            draw.polygon([tuple(p) for p in pixels[mesh.faces[f]]], fill=tuple(int(c) for c in colours[f]))
-    return np.asarray(image)
+        return np.full((size, size, 3), 255, np.uint8)
+    tri = torch.from_numpy(np.ascontiguousarray(mesh.vertices[mesh.faces], dtype=np.float32))  # [F, 3, 3] world
+    normals = torch.nn.functional.normalize(torch.linalg.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), dim=1)
+    facing = (normals * (c2w[:3, 3].float() - tri.mean(dim=1))).sum(dim=1) > 0  # towards the camera
+    light = c2w[:3, :3].float() @ torch.tensor([0.3, 0.5, 0.8]) / math.sqrt(0.98)  # over the viewer's shoulder
+    shade = 0.35 + 0.65 * (normals @ light).clamp(0.0, 1.0)
+    colours = torch.from_numpy(mesh.vertex_colors[mesh.faces, :3].astype(np.float32)).mean(dim=1) * shade[:, None]
+    tri, colours = tri[facing], colours[facing]
+    faces = torch.arange(3 * len(tri)).view(-1, 3)
+    image = rasterize(tri.reshape(-1, 3), faces, colours.repeat_interleave(3, dim=0), c2w,
+                      intrinsics_from_fov(fov, size, size), size, (255.0, 255.0, 255.0))
+    return (image + 0.5).clamp(0, 255).to(torch.uint8).numpy()
 
 
 def samples(generator: Generator, prompts: list[str], seed: int, views: int = 4

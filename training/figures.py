@@ -5,9 +5,10 @@
 Writes three PNGs:
 - vae_reconstructions.png: held-out objects, one per shape; per row three ground-truth views
   (left) and the VAE's reconstruction rendered from the same cameras (right);
-- sample_previews.png: one row per prompt, four ray-marched turntable views of the generated object;
+- sample_previews.png: one row per prompt, four turntable previews of the generated object, as a request
+  returns them (its mesh rasterised in the field's lit colour);
 - sample_meshes.png: the meshes extracted from those objects (what the GLB holds), drawn with flat
-  Lambert shading by a painter's-algorithm rasteriser, so what is shown is the triangles themselves.
+  Lambert shading per face (`ln3diff_rt.raster`, back faces culled), so what is shown is the triangles themselves.
 and for an image-conditioned model two more, one row per condition image (empty prompt): the image as
 the encoder sees it (centred, at its input size), four turntable views and the mesh drawing:
 - image_to_3d.png: a render of each of the first held-out objects of every shape;

@@ -33,9 +33,10 @@ from ln3diff_rt.mesh_export import Material, asset_files
 from ln3diff_rt.meshing import MeshResult, extract_mesh
 from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
+from ln3diff_rt.raster import rasterize
 from ln3diff_rt.rendering import render_chunked
 from ln3diff_rt.runner import generate
-from ln3diff_rt.texturing import bake_texture, levels_of_detail, rasterize, unwrap
+from ln3diff_rt.texturing import bake_texture, levels_of_detail, unwrap
 
 PROMPTS = ["a medium red mushroom", "a medium blue snowman", "a medium green dumbbell"]
 LODS = (30000, 8000, 2000)
@@ -62,7 +63,7 @@ def draw(mesh: MeshResult, c2w: torch.Tensor, size: int, texture: np.ndarray | N
     fx, fy, cx, cy = intrinsics_from_fov(PREVIEW_FOV, size, size).tolist()
     depth = -cam[:, 2]
     pixels = np.stack([cx + fx * cam[:, 0] / depth, cy - fy * cam[:, 1] / depth], axis=1)
-    rows, cols, tri, bary = rasterize(pixels[mesh.faces], size, size)
+    rows, cols, tri, bary = (t.numpy() for t in rasterize(torch.from_numpy(pixels[mesh.faces]), size, size))
     inverse = bary / depth[mesh.faces[tri]]  # perspective-correct weights
     z = 1.0 / inverse.sum(axis=1)
     weights = inverse * z[:, None]

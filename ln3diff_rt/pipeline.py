@@ -31,7 +31,7 @@ from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
 from ln3diff_rt.official.flow import sample_flow
 from ln3diff_rt.options import GenerationOptions, InvalidOption
-from ln3diff_rt.raster import rasterize
+from ln3diff_rt.raster import render_mesh
 from ln3diff_rt.rendering import FieldFn, occupancy_grid, preview_renderer, render_chunked
 from ln3diff_rt.sampling import Condition, sample
 from ln3diff_rt.text import TextEncoder
@@ -363,7 +363,7 @@ class Generator:
             if on_view is not None:
                 on_view(i)
             c2w = orbit_camera(360.0 * i / options.preview_views - 90.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
-            rgb = rasterize(vertices, faces, lit, c2w, intrinsics, options.preview_size,
+            rgb = render_mesh(vertices, faces, lit, c2w, intrinsics, options.preview_size,
                             self.config.renderer.background).clamp(0, 1)
             frames.append((rgb * 255.0 + 0.5).to(torch.uint8).numpy())
         return frames

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ln3diff_rt.meshing import ColorFn, MeshResult
+from ln3diff_rt.raster import rasterize
 
 # Texels between charts per 1024 of texture size. Bilinear filtering needs 2; a level of detail needs more: its
 # seam edges are chords of the detailed seam's polyline and cut up to a few texels outside the chart. Measured on
@@ -30,7 +31,6 @@ ATLAS_PADDING_PER_1024 = 6
 # 0.6-0.7 s for 100-130 charts and the same texel density (atlas 1350-1380 texels across for 1024 asked, measured
 # on the shipped model's chair and dumbbell; 1.0: 0.4-0.5 s, 5% coarser; 2.0: 0.9-1.8 s).
 CHART_MAX_BOUNDARY = 1.5
-RASTER_CANDIDATES = 1 << 22  # texel candidates tested at once while rasterising (bounds memory to ~200 MB)
 
 
 def unwrap(mesh: MeshResult, size: int, padding: int | None = None) -> MeshResult:
@@ -61,44 +61,6 @@ def unwrap(mesh: MeshResult, size: int, padding: int | None = None) -> MeshResul
                       vertex_colors=mesh.vertex_colors[source], normals=mesh.normals[source], stats=stats, uvs=uvs)
 
 
-def rasterize(corners: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Pixels whose centres lie inside triangles `corners` [F, 3, 2] (x right, y down, in pixels).
-
-    Returns one fragment per (pixel, triangle): rows [K], cols [K], triangle index [K] and barycentric
-    weights [K, 3]. Pixels on a shared edge may appear once per triangle."""
-    out = ([], [], [], [])
-    lo = np.ceil(corners.min(axis=1) - 0.5).astype(np.int64).clip(0, [width - 1, height - 1])  # [F, 2] first centre
-    hi = np.floor(corners.max(axis=1) - 0.5).astype(np.int64).clip(-1, [width - 1, height - 1])
-    extent = (hi - lo + 1).clip(min=0)  # [F, 2] columns, rows
-    counts = extent[:, 0] * extent[:, 1]
-    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
-    area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])  # [F] 2x signed
-    counts[np.abs(area) < 1e-12] = 0
-    ends = np.cumsum(counts)
-    start = 0
-    while start < len(counts):  # triangles in groups of about RASTER_CANDIDATES candidate pixels
-        stop = max(start + 1, int(np.searchsorted(ends, ends[start] - counts[start] + RASTER_CANDIDATES)))
-        tri = np.repeat(np.arange(start, stop), counts[start:stop])
-        local = np.arange(len(tri)) - np.repeat(ends[start:stop] - counts[start:stop], counts[start:stop])
-        cols = lo[tri, 0] + local % np.maximum(extent[tri, 0], 1)
-        rows = lo[tri, 1] + local // np.maximum(extent[tri, 0], 1)
-        p = np.stack([cols + 0.5, rows + 0.5], axis=1)  # [K, 2] pixel centres
-        weights = np.stack([_edge(b[tri], c[tri], p), _edge(c[tri], a[tri], p), _edge(a[tri], b[tri], p)],
-                           axis=1) / area[tri, None]  # [K, 3]
-        inside = (weights >= -1e-7).all(axis=1)
-        for store, value in zip(out, (rows, cols, tri, weights), strict=True):
-            store.append(value[inside])
-        start = stop
-    if not out[0]:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3))
-    return tuple(np.concatenate(parts) for parts in out)
-
-
-def _edge(p: np.ndarray, q: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """Twice the signed area of (p, q, x), row by row: [K, 2] each -> [K]."""
-    return (q[:, 0] - p[:, 0]) * (x[:, 1] - p[:, 1]) - (q[:, 1] - p[:, 1]) * (x[:, 0] - p[:, 0])
-
-
 def uv_to_pixels(uvs: np.ndarray, size: int) -> np.ndarray:
     """UVs (origin bottom-left) -> pixel coordinates (x right, y down) of a `size`^2 image."""
     return np.stack([uvs[:, 0] * size, (1.0 - uvs[:, 1]) * size], axis=-1)
@@ -112,7 +74,8 @@ def bake_texture(mesh: MeshResult, color_fn: ColorFn, size: int, chunk: int) -> 
     returns RGB in [0, 1] (the runner's field checks for cancellation before every chunk)."""
     if mesh.uvs is None:
         raise ValueError("the mesh has no UVs; unwrap it first")
-    rows, cols, tri, weights = rasterize(uv_to_pixels(mesh.uvs, size)[mesh.faces], size, size)
+    rows, cols, tri, weights = (t.numpy() for t in rasterize(torch.from_numpy(uv_to_pixels(mesh.uvs, size)[mesh.faces]),
+                                                             size, size))
     corners = mesh.vertices[mesh.faces[tri]].astype(np.float64)  # [K, 3, 3]
     points = torch.from_numpy(np.einsum("kc,kcd->kd", weights, corners).astype(np.float32))
     rgb = np.empty((len(points), 3), np.float32)

@@ -6,7 +6,8 @@ import torch
 import trimesh
 
 from ln3diff_rt.meshing import extract_mesh
-from ln3diff_rt.texturing import bake_texture, dilate, levels_of_detail, rasterize, unwrap, uv_to_pixels
+from ln3diff_rt.raster import rasterize
+from ln3diff_rt.texturing import bake_texture, dilate, levels_of_detail, unwrap, uv_to_pixels
 
 RES = 64
 SIZE = 256
@@ -44,17 +45,6 @@ def lookup(texture: np.ndarray, uvs: np.ndarray) -> np.ndarray:
     return texture[xy[:, 1], xy[:, 0]] / 255.0
 
 
-def test_rasterize_covers_pixel_centres_inside_the_triangle():
-    # the lower-left half of a 4x4 square, diagonal from (0, 0) to (4, 4) in (x right, y down) pixels
-    rows, cols, tri, weights = rasterize(np.array([[[0.0, 0.0], [4.0, 4.0], [0.0, 4.0]]]), 8, 8)
-    assert sorted(zip(rows.tolist(), cols.tolist(), strict=True)) == [(r, c) for r in range(4) for c in range(r + 1)]
-    assert (tri == 0).all() and np.allclose(weights.sum(axis=1), 1.0) and (weights >= -1e-7).all()
-    centres = weights @ np.array([[0.0, 0.0], [4.0, 4.0], [0.0, 4.0]])  # barycentric -> the pixel centre itself
-    assert np.allclose(centres, np.stack([cols + 0.5, rows + 0.5], axis=1))
-    empty = rasterize(np.array([[[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]]), 8, 8)  # degenerate: nothing
-    assert all(len(a) == 0 for a in empty)
-
-
 def test_unwrap_splits_vertices_along_seams_and_keeps_the_surface(sphere_mesh, unwrapped):
     u = unwrapped
     assert len(u.faces) == len(sphere_mesh.faces) and len(u.vertices) >= len(sphere_mesh.vertices)
@@ -64,7 +54,8 @@ def test_unwrap_splits_vertices_along_seams_and_keeps_the_surface(sphere_mesh, u
     welded = trimesh.Trimesh(u.vertices, u.faces)  # merges the seam copies back
     assert welded.is_watertight and welded.volume == pytest.approx(4 / 3 * np.pi * 0.5 ** 3, rel=0.03)
     # charts do not overlap: no texel centre lies inside two triangles' interiors
-    rows, cols, _, weights = rasterize(uv_to_pixels(u.uvs, SIZE)[u.faces], SIZE, SIZE)
+    rows, cols, _, weights = (t.numpy() for t in rasterize(torch.from_numpy(uv_to_pixels(u.uvs, SIZE)[u.faces]), SIZE,
+                                                            SIZE))
     interior = (weights > 1e-3).all(axis=1)
     texel = rows[interior] * SIZE + cols[interior]
     assert len(np.unique(texel)) == len(texel)
@@ -73,7 +64,8 @@ def test_unwrap_splits_vertices_along_seams_and_keeps_the_surface(sphere_mesh, u
 def test_baked_texture_holds_the_field_colour_at_the_surface(unwrapped, texture):
     assert texture.shape == (SIZE, SIZE, 3) and texture.dtype == np.uint8
     # texel centres inside triangles: colour of the surface point there
-    rows, cols, tri, weights = rasterize(uv_to_pixels(unwrapped.uvs, SIZE)[unwrapped.faces], SIZE, SIZE)
+    rows, cols, tri, weights = (t.numpy() for t in rasterize(
+        torch.from_numpy(uv_to_pixels(unwrapped.uvs, SIZE)[unwrapped.faces]), SIZE, SIZE))
     points = np.einsum("kc,kcd->kd", weights, unwrapped.vertices[unwrapped.faces[tri]])
     expected = np.round(stripes(torch.from_numpy(points).float()).numpy() * 255)
     assert np.abs(texture[rows, cols] - expected).max() <= 1

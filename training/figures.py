@@ -32,7 +32,7 @@ from ln3diff_rt.images import centre_object, read_image
 from ln3diff_rt.meshing import MeshResult
 from ln3diff_rt.options import GenerationOptions
 from ln3diff_rt.pipeline import Generator
-from ln3diff_rt.raster import rasterize
+from ln3diff_rt.raster import render_mesh
 from ln3diff_rt.rendering import render_chunked
 from ln3diff_rt.runner import Request, generate, run
 from training.data.dataset import MultiViewDataset, load_image
@@ -101,7 +101,7 @@ def draw_mesh(mesh: MeshResult, c2w: torch.Tensor, size: int = 256, fov: float =
     colours = torch.from_numpy(mesh.vertex_colors[mesh.faces, :3].astype(np.float32)).mean(dim=1) * shade[:, None]
     tri, colours = tri[facing], colours[facing]
     faces = torch.arange(3 * len(tri)).view(-1, 3)
-    image = rasterize(tri.reshape(-1, 3), faces, colours.repeat_interleave(3, dim=0), c2w,
+    image = render_mesh(tri.reshape(-1, 3), faces, colours.repeat_interleave(3, dim=0), c2w,
                       intrinsics_from_fov(fov, size, size), size, (255.0, 255.0, 255.0))
     return (image + 0.5).clamp(0, 255).to(torch.uint8).numpy()
 

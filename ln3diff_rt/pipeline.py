@@ -364,6 +364,6 @@ class Generator:
                 on_view(i)
             c2w = orbit_camera(360.0 * i / options.preview_views - 90.0, PREVIEW_ELEVATION, PREVIEW_RADIUS)
             rgb = render_mesh(vertices, faces, lit, c2w, intrinsics, options.preview_size,
-                            self.config.renderer.background).clamp(0, 1)
+                              self.config.renderer.background).clamp(0, 1)
             frames.append((rgb * 255.0 + 0.5).to(torch.uint8).numpy())
         return frames

@@ -102,7 +102,7 @@ def draw_mesh(mesh: MeshResult, c2w: torch.Tensor, size: int = 256, fov: float =
     tri, colours = tri[facing], colours[facing]
     faces = torch.arange(3 * len(tri)).view(-1, 3)
     image = render_mesh(tri.reshape(-1, 3), faces, colours.repeat_interleave(3, dim=0), c2w,
-                      intrinsics_from_fov(fov, size, size), size, (255.0, 255.0, 255.0))
+                        intrinsics_from_fov(fov, size, size), size, (255.0, 255.0, 255.0))
     return (image + 0.5).clamp(0, 255).to(torch.uint8).numpy()
 
 

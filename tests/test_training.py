@@ -61,6 +61,23 @@ def test_vae_resume_after_interrupt_is_exact(dataset, tmp_path, monkeypatch):
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]  # the resumed run continued from step 3, not from 0
 
 
+def test_vae_init_from_continues_a_trained_vae_and_refuses_another_architecture(dataset, tmp_path):
+    """--init-from starts at the checkpoint's weights and architecture (not the preset's): with a zero learning rate
+    the weights it saves are the checkpoint's bit for bit; the checkpoint says where it came from."""
+    first = vae_training.train(small_vae_config(dataset, tmp_path / "a", steps=4, latent_channels=6, lr=1e-3))
+    continued = vae_training.train(small_vae_config(dataset, tmp_path / "b", steps=2, init_from=str(first), lr=0.0))
+    fresh = vae_training.train(small_vae_config(dataset, tmp_path / "c", steps=2, latent_channels=6, lr=0.0))
+    models, before = load_models(continued), load_models(first).vae.state_dict()
+    assert models.config.latent_channels == 6 and models.metadata["init_train_steps"] == "4"
+    assert models.metadata["init_from"].startswith("vae.safetensors sha256 ")
+    assert all(torch.equal(v, before[k]) for k, v in models.vae.state_dict().items())
+    assert not all(torch.equal(v, before[k]) for k, v in load_models(fresh).vae.state_dict().items())
+    with pytest.raises(SystemExit, match="--latent-channels=8, but the --init-from checkpoint has 6"):
+        vae_training.train(small_vae_config(dataset, tmp_path / "d", steps=1, init_from=str(first), latent_channels=8))
+    with pytest.raises(SystemExit, match="--geometry sdf, but the --init-from checkpoint's field is density"):
+        vae_training.train(small_vae_config(dataset, tmp_path / "e", steps=1, init_from=str(first), geometry="sdf"))
+
+
 @pytest.fixture(scope="module")
 def vae_checkpoint(dataset, tmp_path_factory):
     return vae_training.train(small_vae_config(dataset, tmp_path_factory.mktemp("vae"), steps=3))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ln3diff_rt.cameras import camera_rays
-from ln3diff_rt.checkpoint import save_checkpoint
+from ln3diff_rt.checkpoint import file_sha256, load_models, save_checkpoint
 from ln3diff_rt.config import ModelConfig, get_preset
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.rendering import render_chunked, render_rays
@@ -76,6 +76,9 @@ class VAETrainConfig:
     seed: int = flag(0, "seed for weights, data order and rays")
     device: str = flag("cpu", "cpu or cuda (one GPU per torchrun process)")
     resume: bool = flag(False, "continue from OUT/train_state.safetensors")
+    init_from: str = flag("", "start from this checkpoint's VAE (a fresh optimiser and learning-rate schedule: more "
+                          "training for a finished VAE); its architecture is kept, so flags that would change it "
+                          "must be left unset or agree")
     fail_on_bad_object: bool = flag(False, "stop at the first unreadable object instead of skipping and reporting it")
 
 
@@ -201,20 +204,11 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     """Run (or resume) stage-1 training; returns the path of the written VAE checkpoint."""
     dist_env = dist_env or setup_distributed(cfg.device)
     device = dist_env.device(cfg.device)
-    model_cfg: ModelConfig = get_preset(cfg.preset)
-    input_views = cfg.input_views or model_cfg.encoder.num_views
-    lift_levels = cfg.lift_levels or model_cfg.encoder.lift_levels
-    if (input_views, lift_levels) != (model_cfg.encoder.num_views, model_cfg.encoder.lift_levels):
-        model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views,
-                                                                  lift_levels=lift_levels))
-    if cfg.latent_channels and cfg.latent_channels != model_cfg.latent_channels:
-        model_cfg = model_cfg.replace(latent_channels=cfg.latent_channels)
+    init = load_models(cfg.init_from, "cpu", require=("vae",)) if cfg.init_from else None
+    model_cfg = preset_config(cfg) if init is None else init_config(cfg, init.config)
+    input_views, size = model_cfg.encoder.num_views, model_cfg.encoder.image_size
     on_error = "raise" if cfg.fail_on_bad_object else "skip"
-    size = model_cfg.encoder.image_size
     albedo_weight = cfg.albedo_weight if cfg.albedo else 0.0
-    if cfg.albedo or cfg.geometry != model_cfg.renderer.geometry:
-        model_cfg = model_cfg.replace(renderer=dataclasses.replace(model_cfg.renderer, albedo=cfg.albedo,
-                                                                   geometry=cfg.geometry, sdf_beta=cfg.sdf_beta))
     eikonal_weight = cfg.eikonal_weight if cfg.geometry == "sdf" else 0.0
     channels = [name for name, weight in (("depth", cfg.depth_weight), ("normal", cfg.normal_weight),
                                           ("albedo", albedo_weight)) if weight]
@@ -225,7 +219,10 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         raise SystemExit(f"error: no usable training objects under {cfg.data}/train")
 
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    vae = TriplaneVAE(model_cfg).to(device)
+    vae = TriplaneVAE(model_cfg)
+    if init is not None:
+        vae.load_state_dict(init.vae.state_dict())
+    vae = vae.to(device)
     model_path = Path(cfg.out) / "vae.safetensors"
 
     def batch(indices: list[int], step: int, generator: torch.Generator) -> tuple:
@@ -239,7 +236,11 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
         return {"val_psnr": round(psnr, 3)}, f"val PSNR {psnr:.2f} dB"
 
     def finish(step: int) -> dict:
-        save_checkpoint(model_path, model_cfg, {"vae": vae}, {"train_steps": str(step)})
+        meta = {"train_steps": str(step)}
+        if init is not None:
+            meta.update(init_from=f"{init.path.name} sha256 {file_sha256(init.path)}",
+                        init_train_steps=init.metadata.get("train_steps", ""))
+        save_checkpoint(model_path, model_cfg, {"vae": vae}, meta)
         return {"skipped": [f"{p}: {why}" for p, why in train_set.skipped]}
 
     stage = Stage(name="vae", config=model_cfg, model=vae, state=vae,
@@ -255,6 +256,39 @@ def train(cfg: VAETrainConfig, dist_env: Dist | None = None) -> Path:
     if dist_env.main and train_set.skipped:
         print(f"skipped {len(train_set.skipped)} bad objects (see {Path(cfg.out) / 'log.jsonl'})", file=sys.stderr)
     return model_path
+
+
+def preset_config(cfg: VAETrainConfig) -> ModelConfig:
+    """The model settings of a new VAE: the preset's, with the architecture flags given."""
+    model_cfg = get_preset(cfg.preset)
+    input_views = cfg.input_views or model_cfg.encoder.num_views
+    lift_levels = cfg.lift_levels or model_cfg.encoder.lift_levels
+    if (input_views, lift_levels) != (model_cfg.encoder.num_views, model_cfg.encoder.lift_levels):
+        model_cfg = model_cfg.replace(encoder=dataclasses.replace(model_cfg.encoder, num_views=input_views,
+                                                                  lift_levels=lift_levels))
+    if cfg.latent_channels and cfg.latent_channels != model_cfg.latent_channels:
+        model_cfg = model_cfg.replace(latent_channels=cfg.latent_channels)
+    if cfg.albedo or cfg.geometry != model_cfg.renderer.geometry:
+        model_cfg = model_cfg.replace(renderer=dataclasses.replace(model_cfg.renderer, albedo=cfg.albedo,
+                                                                   geometry=cfg.geometry, sdf_beta=cfg.sdf_beta))
+    return model_cfg
+
+
+def init_config(cfg: VAETrainConfig, config: ModelConfig) -> ModelConfig:
+    """The model settings of a VAE continued from a checkpoint (--init-from): the checkpoint's own, after checking
+    that every architecture flag given agrees with them (SystemExit naming the flag otherwise)."""
+    given = {"--input-views": (cfg.input_views, config.encoder.num_views),
+             "--lift-levels": (cfg.lift_levels, config.encoder.lift_levels),
+             "--latent-channels": (cfg.latent_channels, config.latent_channels)}
+    for flag_name, (value, theirs) in given.items():
+        if value and value != theirs:
+            raise SystemExit(f"error: {flag_name}={value}, but the --init-from checkpoint has {theirs}")
+    renderer = config.renderer
+    if cfg.albedo != renderer.albedo or cfg.geometry != renderer.geometry:
+        raise SystemExit(f"error: --geometry {cfg.geometry}{' --albedo' if cfg.albedo else ''}, but the --init-from "
+                         f"checkpoint's field is {renderer.geometry}{' with' if renderer.albedo else ' without'} "
+                         "an albedo head")
+    return config
 
 
 def main(argv: list[str] | None = None) -> None:

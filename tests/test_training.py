@@ -268,7 +268,13 @@ def test_evaluate_vae_only_takes_a_vae_checkpoint(dataset, vae_checkpoint, tmp_p
     best = evaluate.calibrate_mesh_threshold(load_models(vae_checkpoint).vae, val)
     assert result["threshold"] == best["threshold"]
     assert result["vae_val_iou"]["mean"] == pytest.approx(best["iou"], abs=1e-6)
-    assert "VAE geometry IoU" in capsys.readouterr().out
+    # The training objects' PSNR beside it (underfit or overfit), by the same measure on the train split.
+    models = load_models(vae_checkpoint)
+    train = evaluate.MultiViewDataset(str(dataset), "train", models.config.encoder.num_views, 1, 64, "skip")
+    assert result["train_objects"] == len(train) >= 1
+    assert result["vae_train_psnr"] == pytest.approx(vae_training.evaluate_psnr(models.vae, train, len(train), "cpu"))
+    out = capsys.readouterr().out
+    assert "VAE geometry IoU" in out and "VAE PSNR, training objects" in out
     with pytest.raises(SystemExit):
         evaluate.main(["--vae-only", "--data", str(dataset)])  # no --ckpt: a usage error
 

@@ -2,7 +2,8 @@
 
     python -m training.evaluate --ckpt ln3diff_rt/assets/ln3diff-tiny.safetensors --data data/synth
 
-1. VAE: PSNR of full novel views of every held-out (val) object, reconstructed from its input views,
+1. VAE: PSNR of full novel views of every held-out (val) object, reconstructed from its input views (and of
+   the first 50 training objects: near the held-out figure the VAE underfits, far above it overfits),
    and the IoU of each reconstruction's occupancy (density above the mesh threshold, 32^3) with the
    object's exact geometry, per shape.
 2. Prompt adherence: `--seeds-per-prompt` objects per "a medium <colour> <shape>" prompt (every
@@ -48,6 +49,7 @@ from training.data.synth import COLOURS, SHAPES, SIZES, ObjectSpec, sdf
 from training.vae import evaluate_psnr, reconstruct_planes
 
 GRID = 32
+TRAIN_PSNR_OBJECTS = 50  # training objects whose reconstruction PSNR `--vae-only` also reports
 YAWS = range(0, 360, 15)
 
 
@@ -284,6 +286,10 @@ def evaluate_vae(ckpt: str, data: str, seed: int = 0) -> dict:
     val = MultiViewDataset(data, "val", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=seed)
     result = {"vae_val_psnr": evaluate_psnr(vae, val, len(val), "cpu"), "val_objects": len(val),
               "geometry": cfg.renderer.geometry}
+    train = MultiViewDataset(data, "train", cfg.encoder.num_views, 1, cfg.encoder.image_size, "skip", seed=seed)
+    if len(train):  # the same figure on objects it may have trained on: far above held-out's means it overfits
+        count = min(TRAIN_PSNR_OBJECTS, len(train))
+        result.update(vae_train_psnr=evaluate_psnr(vae, train, count, "cpu"), train_objects=count)
     if val.records and all("ln3diff_synth" in r.meta for r in val.records):
         threshold = cfg.renderer.mesh_threshold if vae.field.is_sdf else calibrate_mesh_threshold(vae, val)["threshold"]
         result["vae_val_iou"] = reconstruction_iou(vae, val, threshold)
@@ -339,6 +345,9 @@ def print_vae(result: dict) -> None:
     print(f"{'metric':<48} {'value':>8} {'chance':>8}")
     psnr = result['vae_val_psnr']
     print(f"{'VAE PSNR, held-out views (dB)':<48} {psnr:>8.2f} {'':>8}  ({result['val_objects']} objects)")
+    if "vae_train_psnr" in result:
+        print(f"{'VAE PSNR, training objects (dB)':<48} {result['vae_train_psnr']:>8.2f} {'':>8}  "
+              f"(the first {result['train_objects']}: near held-out's, the VAE underfits; above, it overfits)")
     if "vae_val_iou" in result:
         geometry = result["vae_val_iou"]
         where = f"density > {result['threshold']:.3g}" if "threshold" in result else "mesh threshold"

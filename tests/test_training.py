@@ -599,3 +599,26 @@ def test_vae_gaps_fits_gain_over_the_encoder(dataset, vae_checkpoint, capsys):
     main(["--ckpt", str(vae_checkpoint), "--data", str(dataset), "--objects", "1", "--steps", "1"])
     out = capsys.readouterr().out
     assert all(s in out for s in STAGES) and "mean of 1" in out
+
+
+def test_a_signal_inside_the_optimizer_update_waits_for_it_to_finish():
+    """SIGTERM while the weights belong to no step (inside `Interrupts.held`) is raised when the update ends, so the
+    loop always has a step to save; outside it, at once. The previous handler comes back."""
+    import signal
+
+    from training.common import Interrupts, Terminated
+
+    before = signal.getsignal(signal.SIGTERM)
+    interrupts = Interrupts()
+    finished = []
+    with pytest.raises(Terminated):
+        with interrupts.held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            finished.append("update")  # runs: the signal waited
+    assert finished == ["update"]
+    with pytest.raises(Terminated):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # the handler runs between bytecodes
+            pass
+    interrupts.restore()
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -15,7 +15,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,16 +174,41 @@ def replica_divergence(model: torch.nn.Module, world: int) -> float:
     return diff.item()
 
 
-def raise_on_sigterm() -> Callable[[], None]:
-    """Make SIGTERM raise `Terminated` (a KeyboardInterrupt) in the main thread, so the loop saves its state;
-    returns the function that puts the previous handler back."""
-    def handler(signum, frame):
-        raise Terminated(signum)
+class Interrupts:
+    """SIGTERM (and Ctrl-C, where it is not ignored, as under nohup) raise `Terminated` in the main thread, so the
+    loop saves its state; inside `held()` the signal waits and is raised when the block ends, so an optimizer
+    update is never cut in half (its weights would belong to no step, with nothing to save). `restore()` puts the
+    previous handlers back."""
 
-    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
-        return lambda: None
-    previous = signal.signal(signal.SIGTERM, handler)
-    return lambda: signal.signal(signal.SIGTERM, previous)
+    def __init__(self):
+        self.holding, self.pending, self._previous = False, None, {}
+        if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            if signum == signal.SIGINT and signal.getsignal(signum) is not signal.default_int_handler:
+                continue  # ignored (nohup) or someone else's: leave it
+            self._previous[signum] = signal.signal(signum, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.holding:
+            self.pending = signum
+        else:
+            raise Terminated(signum)
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending is not None:
+            signum, self.pending = self.pending, None
+            raise Terminated(signum)
+
+    def restore(self) -> None:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
 
 
 def _one_line(kind: str, e: BaseException) -> str:

@@ -25,10 +25,10 @@ from ln3diff_rt.checkpoint import remove_stale_temporaries
 from ln3diff_rt.config import ModelConfig
 from training.common import (
     Dist,
+    Interrupts,
     JsonlLog,
     batch_indices,
     load_train_state,
-    raise_on_sigterm,
     replica_divergence,
     save_train_state,
     step_generator,
@@ -100,10 +100,9 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
             save_train_state(state_path, stage.config, stage.state, stage.optimizer, step,
                              {"train_config": dataclasses.asdict(cfg)})
 
-    restore_sigterm = raise_on_sigterm()
+    interrupts = Interrupts()
     last_save = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc=stage.name, dynamic_ncols=True)
-    updating = False  # from optimizer.step() to step += 1 the weights belong to no step: nothing to save then
     try:
         while step < cfg.steps:
             t0 = time.time()
@@ -116,12 +115,11 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
             stage.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), 1.0)
-            updating = True
-            stage.optimizer.step()
-            if stage.after_step is not None:
-                stage.after_step()
-            step += 1
-            updating = False
+            with interrupts.held():  # the weights belong to no step until step += 1: a signal waits for it
+                stage.optimizer.step()
+                if stage.after_step is not None:
+                    stage.after_step()
+                step += 1
             record = {k: round(v.item(), 5) for k, v in parts.items()}
             record.update(loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
                           lr=stage.optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
@@ -137,16 +135,14 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
                 last_save = time.time()
     except (KeyboardInterrupt, Exception) as e:  # keep what the completed steps did; the entry point reports
         bar.close()
-        if dist_env.main and updating:
-            e.add_note(f"state not saved: stopped inside the optimizer update of step {step + 1}")
-        elif dist_env.main and step > start:
+        if dist_env.main and step > start:
             save(step)
             e.add_note(f"state at step {step} saved to {state_path}; continue with --resume")
         elif dist_env.main:
             e.add_note(f"no step completed since step {start}: nothing new to save")
         raise
     finally:
-        restore_sigterm()
+        interrupts.restore()
     bar.close()
     save(step)
     divergence = replica_divergence(stage.model, dist_env.world)  # collective: every rank calls it

@@ -103,6 +103,7 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
     interrupts = Interrupts()
     last_save = time.time()
     bar = tqdm(total=cfg.steps, initial=step, disable=not dist_env.main, desc=stage.name, dynamic_ncols=True)
+    updating = False
     try:
         while step < cfg.steps:
             t0 = time.time()
@@ -115,11 +116,13 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
             stage.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), 1.0)
-            with interrupts.held():  # the weights belong to no step until step += 1: a signal waits for it
+            updating = True  # the weights belong to no step until step += 1: a signal waits, an error saves nothing
+            with interrupts.held():
                 stage.optimizer.step()
                 if stage.after_step is not None:
                     stage.after_step()
                 step += 1
+                updating = False
             record = {k: round(v.item(), 5) for k, v in parts.items()}
             record.update(loss=round(loss.item(), 5), grad_norm=round(grad_norm.item(), 4),
                           lr=stage.optimizer.param_groups[0]["lr"], steps_per_s=round(1.0 / (time.time() - t0), 3))
@@ -135,7 +138,9 @@ def run(cfg: LoopConfig, stage: Stage, dist_env: Dist) -> int:
                 last_save = time.time()
     except (KeyboardInterrupt, Exception) as e:  # keep what the completed steps did; the entry point reports
         bar.close()
-        if dist_env.main and step > start:
+        if dist_env.main and updating:
+            e.add_note(f"state not saved: the error came inside the optimizer update of step {step + 1}")
+        elif dist_env.main and step > start:
             save(step)
             e.add_note(f"state at step {step} saved to {state_path}; continue with --resume")
         elif dist_env.main:

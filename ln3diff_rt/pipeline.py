@@ -356,8 +356,8 @@ class Generator:
                        intrinsics: torch.Tensor, on_view: Callable[[int], None] | None) -> list[np.ndarray]:
         vertices = torch.from_numpy(np.ascontiguousarray(mesh.vertices, dtype=np.float32))
         faces = torch.from_numpy(np.ascontiguousarray(mesh.faces, dtype=np.int64))
-        lit = torch.cat([self.colour_fn(planes, lit=True)(vertices[i:i + FIELD_CHUNK])
-                         for i in range(0, len(vertices), FIELD_CHUNK)])
+        colour = self.colour_fn(planes, lit=True)
+        lit = torch.cat([colour(vertices[i:i + FIELD_CHUNK]) for i in range(0, len(vertices), FIELD_CHUNK)])
         frames = []
         for i in range(options.preview_views):
             if on_view is not None:

@@ -116,7 +116,7 @@ def test_bad_inputs_raise():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1",
                     reason="needs CUDA and compiled Triton (run with TRITON_INTERPRET=0)")
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
 @pytest.mark.parametrize("nq, nk, d", [(768, 768, 64), (768, 77, 64), (4096, 4096, 128), (1000, 333, 32)])
 def test_model_shapes_on_gpu(nq, nk, d, dtype):
     q, k, v = (x.cuda().requires_grad_(True) for x in _qkv(2, 4, nq, nk, d, dtype))

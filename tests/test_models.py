@@ -12,6 +12,7 @@ from ln3diff_rt.models.layers import patchify, unpatchify
 from ln3diff_rt.models.vae import TriplaneVAE
 from ln3diff_rt.presets import describe
 from ln3diff_rt.rendering import render_rays
+from ln3diff_rt.sampling import Condition, sample
 
 PROJECT_PRESETS = sorted(name for name, cfg in PRESETS.items() if not cfg.is_official)  # built from models/
 
@@ -260,3 +261,30 @@ def test_sampling_computes_the_condition_once_and_compiled_wrappers_keep_their_o
     # torch.compile's module forwards attribute lookups to the DiT, yet `bind` must call its compiled forward.
     compiled = torch.compile(dit)  # compiles on its first call, which this test never makes
     assert hasattr(compiled, "bind_condition") and getattr(type(compiled), "bind_condition", None) is None
+
+
+@pytest.mark.parametrize("name", [*PROJECT_PRESETS, "tiny+image"])
+def test_models_make_no_tensor_off_their_device(name):
+    """Every forward on the meta device: a tensor made on the CPU inside one (a factory call without `device=`)
+    meets a meta tensor and raises, as it would meet a CUDA tensor on a GPU (the GPU suite's first run found
+    one in the timestep embedding). Meta tensors carry no data, so even `paper` costs nothing here."""
+    cfg = get_preset(name.removesuffix("+image"))
+    if name.endswith("+image"):
+        cfg = cfg.replace(dit=dataclasses.replace(cfg.dit, image_dim=24))
+    enc, batch, meta = cfg.encoder, 2, torch.device("meta")
+    with meta:
+        vae, dit = TriplaneVAE(cfg).eval(), DiT(cfg).eval()
+    images = torch.rand(batch, enc.num_views, 3, enc.image_size, enc.image_size, device=meta)
+    c2w = torch.stack([orbit_camera(90.0 * i, 20.0, 4.0) for i in range(enc.num_views)]).expand(batch, -1, -1, -1)
+    intrinsics = intrinsics_from_fov(0.9, enc.image_size, enc.image_size).expand(batch, enc.num_views, 4)
+    depth = torch.rand(batch, enc.num_views, 1, enc.image_size, enc.image_size, device=meta) if enc.use_depth else None
+    with torch.no_grad():
+        mean, _ = vae.encode(images, c2w.to(meta), intrinsics.to(meta), depth)
+        planes = vae.decode(mean)
+        density, rgb = vae.field(planes, torch.rand(batch, 7, 3, device=meta))
+        image = torch.randn(batch, 5, 24, device=meta) if cfg.dit.image_dim else None
+        cond = Condition(torch.randn(batch, cfg.dit.context_len, cfg.dit.context_dim, device=meta),
+                         torch.randn(batch, cfg.dit.context_dim, device=meta), image)
+        z = sample(dit, torch.randn(batch, *cfg.latent_shape, device=meta), cond, cond, steps=2, guidance=3.0)
+    assert mean.device == planes.device == density.device == rgb.device == z.device == meta
+    assert z.shape == (batch, *cfg.latent_shape) and density.shape == (batch, 7)

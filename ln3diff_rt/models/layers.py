@@ -53,7 +53,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     """Sinusoidal embedding [N, dim] of float positions [N]."""
     half = dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=positions.device) / half)
     angles = positions.float()[:, None] * freqs[None]
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 

@@ -3,6 +3,9 @@
 The interpreter tests check the maths on the CPU but not that the kernels compile; this runs
 Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas that ships with
 triton) for sm_90 by default, for fp32 and bf16 data, and prints each kernel's shared memory.
+Float scalars are compiled both as eager Triton types them (fp32) and as Inductor does when a
+kernel runs inside torch.compile or an AOTInductor package (fp64): an fp64 scalar must not
+promote the kernel's fp32 arithmetic (on the H200 it did, and `compile` failed to build).
 It must run with TRITON_INTERPRET unset or 0 (the kernels must be JIT functions).
 
     python -m kernels.compile_check [--arch 90] [--all-configs]
@@ -51,8 +54,12 @@ def _configs(name: str, all_configs: bool) -> list[tuple[dict, int, int]]:
     return [({**c.kwargs, "BLOCK_D": d}, c.num_warps, c.num_stages) for c in tuned for d in head_dims]
 
 
+SCALAR_TYPES = ("fp32", "fp64")  # a Python float as eager Triton types it, and as Inductor does
+
+
 def compile_all(arch: int = 90, all_configs: bool = False) -> list[tuple[str, str, dict, int]]:
-    """Compile each kernel and config for fp32 and bf16; returns (kernel, dtype, constexprs, shared bytes)."""
+    """Compile each kernel and config for fp32 and bf16 data, with fp32 and fp64 float scalars; returns
+    (kernel, dtype, constexprs, shared bytes), one row per data dtype (the scalar types share the row)."""
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter replaces the kernels' compiler")
     import triton
@@ -65,14 +72,17 @@ def compile_all(arch: int = 90, all_configs: bool = False) -> list[tuple[str, st
         for name, (kernel, data_ptrs, floats) in _SPECS.items():
             fn = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
             for consts, num_warps, num_stages in _configs(name, all_configs):
-                signature = {
-                    arg: "constexpr" if arg in consts
-                    else (f"*{dtype}" if arg in data_ptrs else "*fp32") if arg.endswith("_ptr")
-                    else "fp32" if arg in floats else "i32"
-                    for arg in fn.arg_names
-                }
-                compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=target,
-                                          options={"num_warps": num_warps, "num_stages": num_stages})
+                for scalar in SCALAR_TYPES if floats else SCALAR_TYPES[:1]:
+                    signature = {
+                        arg: "constexpr" if arg in consts
+                        else (f"*{dtype}" if arg in data_ptrs else "*fp32") if arg.endswith("_ptr")
+                        else scalar if arg in floats else "i32"
+                        for arg in fn.arg_names
+                    }
+                    compiled = triton.compile(ASTSource(fn, signature, constexprs=consts), target=target,
+                                              options={"num_warps": num_warps, "num_stages": num_stages})
+                    if "xf64>" in compiled.asm["ttir"]:  # compiled, but at double precision: half the speed
+                        raise RuntimeError(f"{name} ({dtype} data, {scalar} scalars): tensors promoted to fp64")
                 results.append((name, dtype, consts, compiled.metadata.shared))
     return results
 

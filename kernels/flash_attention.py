@@ -42,6 +42,9 @@ _FWD_CONFIGS = _configs([(128, 64, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128,
 _BWD_CONFIGS = _configs([(64, 64, 4, 2), (64, 64, 8, 3), (32, 64, 4, 2), (64, 128, 8, 2)])
 _KEY = ["N_Q", "N_K", "HEAD_DIM"]
 _LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * log2(e)): exp2 is the fast path
+# Each kernel casts sm_scale to fp32 first: eager Triton types a Python float fp32, but inside torch.compile or an
+# AOTInductor package Inductor types it fp64, which promoted qk and the running max to fp64 and broke the build
+# (seen on an H200; `python -m kernels.compile_check` compiles both typings).
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=_KEY)
@@ -65,6 +68,7 @@ def _attn_fwd_kernel(
                 mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64 (see _LOG2E's note)
     qk_scale = sm_scale * _LOG2E
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -115,6 +119,7 @@ def _attn_bwd_dkdv_kernel(
     v = tl.load(v_ptr + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :] * svd,
                 mask=mask_nd, other=0.0)
     q_base = q_ptr + b * sqb + h * sqh
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64 (see _LOG2E's note)
     qk_scale = sm_scale * _LOG2E
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -165,6 +170,7 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(delta_ptr + rows, mask=mask_m, other=0.0)
     k_base = k_ptr + b * skb + h * skh
     v_base = v_ptr + b * svb + h * svh
+    sm_scale = tl.cast(sm_scale, tl.float32)  # Inductor passes Python floats as fp64 (see _LOG2E's note)
     qk_scale = sm_scale * _LOG2E
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     for start_n in range(0, N_K, BLOCK_N):

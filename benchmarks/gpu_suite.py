@@ -8,7 +8,8 @@ Steps, in this order, each in a process of its own with its own time limit:
     kernel_tests      pytest -m gpu over tests/test_kernels_*.py, TRITON_INTERPRET=0: Triton vs reference on the GPU
     kernel_bench      python -m kernels.bench --preset paper: reference / SDPA / Triton, GB/s and TFLOP/s
     pipeline_eager    paper scale, random weights, prompt to GLB at batch 1 and 8 (64 if the time left allows):
-    pipeline_compile    per-stage latency, peak memory, assets per second; `compile` is torch.compile, `aoti`
+    pipeline_compile    per-stage latency, peak memory, assets per second, in bf16 (eager and compile under
+                        autocast, Generator(precision="bf16")); `compile` is torch.compile, `aoti`
     pipeline_aoti       AOTInductor bf16 packages of the denoiser and decoder, built on the device by
                         export/build_engine.py; the mesher sees a ball (random weights' field is box-filling noise)
     serve             the gRPC server on loopback: one client's latency, 16 concurrent clients' throughput

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="eager", help=f"{backends_help()} (default: eager)")
     g.add_argument("--engine", default=None, help="engine directory from export/build_engine.py (aoti/onnx/tensorrt)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
+                   help="the denoiser's and decoder's arithmetic with --backend eager or compile: bf16 runs them "
+                        "under autocast (for GPUs with bf16 tensor cores; slower on most CPUs); exported engines "
+                        "take theirs from build_engine.py (default: %(default)s)")
     g.add_argument("--object-threads", type=int, default=None, metavar="N", help=OBJECT_THREADS_HELP)
     g.add_argument("--text-encoder", default=None,
                    help="text encoder: a local transformers directory or a Hugging Face id already in the local "
@@ -107,7 +111,7 @@ def generate(args: argparse.Namespace) -> int:
     from ln3diff_rt.images import read_image
     from ln3diff_rt.options import resolve_seed
     from ln3diff_rt.outputs import check_out_dir, write_result
-    from ln3diff_rt.pipeline import Generator
+    from ln3diff_rt.pipeline import Generator, check_precision
     from ln3diff_rt.prompts import normalise_prompt
     from ln3diff_rt.runner import Request, run
 
@@ -140,9 +144,11 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
 
     start = time.perf_counter()
+    check_precision(args.precision, args.backend)  # before the model loads
     generator = Generator.from_checkpoint(args.ckpt, device=args.device, backend=args.backend,
                                           engine_dir=args.engine, text_encoder=args.text_encoder,
-                                          image_encoders=tuple(args.image_encoders) if args.image_encoders else None)
+                                          image_encoders=tuple(args.image_encoders) if args.image_encoders else None,
+                                          precision=args.precision)
     load_s = time.perf_counter() - start
     options = options_from_args(args, generator.default_options())  # unset flags take the model's defaults
     for prompt in dict.fromkeys(p for p in prompts if p):

@@ -42,7 +42,7 @@ class Sizes:
     repeats: int
     warmup: int
     aoti_components: tuple[str, ...]
-    aoti_precision: str
+    precision: str  # every backend's: autocast for eager and compile, the engines' build precision for aoti
     serve_requests_one_client: int
     serve_clients: int
     serve_requests_concurrent: int
@@ -141,7 +141,7 @@ def mesh_support() -> tuple[bool, bool, str]:
 def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
     """A Generator of random weights at the suite's preset with the stand-in text encoder, on `backend`."""
     from benchmarks.gpu_suite.stand_in import DESCRIPTION, SURFACE_DESCRIPTION, StandInTextEncoder, ball_surface
-    from ln3diff_rt.pipeline import Components, Generator, compiled_components
+    from ln3diff_rt.pipeline import AUTOCAST_BACKENDS, Components, Generator, compiled_components
     from ln3diff_rt.random_weights import random_models
 
     start = time.perf_counter()
@@ -160,7 +160,8 @@ def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
     elif backend == "aoti":
         components = _aoti_components(models, components, sizes, rec, workdir)
     components.field = ball_surface(components.field, cfg.renderer.mesh_threshold)
-    return Generator(models, sizes.device, components, backend)
+    precision = sizes.precision if backend in AUTOCAST_BACKENDS else "fp32"  # an engine's is built in
+    return Generator(models, sizes.device, components, backend, precision=precision)
 
 
 def _aoti_components(models, eager, sizes: Sizes, rec: Record, workdir: Path):
@@ -172,11 +173,11 @@ def _aoti_components(models, eager, sizes: Sizes, rec: Record, workdir: Path):
     start = time.perf_counter()
     ckpt, engine = workdir / "random.safetensors", workdir / "engine"
     save_checkpoint(ckpt, models.config, {"vae": models.vae, "dit": models.dit})
-    manifest = build_engine(ckpt, engine, "aoti", sizes.aoti_precision, list(sizes.batches), sizes.device,
+    manifest = build_engine(ckpt, engine, "aoti", sizes.precision, list(sizes.batches), sizes.device,
                             sizes.aoti_components, progress=False)
     built = {e.component: {"seconds": e.seconds, "mib": e.bytes / 2 ** 20, "max_abs_error": e.max_abs_error}
              for e in manifest.components if e.file}
-    rec.put("aoti_build", {"precision": sizes.aoti_precision, "seconds": time.perf_counter() - start,
+    rec.put("aoti_build", {"precision": sizes.precision, "seconds": time.perf_counter() - start,
                            "components": built})
     return load_engine_components(engine, "aoti", ckpt, eager, sizes.device)
 
@@ -194,7 +195,8 @@ def pipeline_step(backend: str) -> Callable[[Sizes, Record, Path, float], None]:
         if sizes.mesh_resolution:
             changes["mesh_resolution"] = sizes.mesh_resolution
         options = gen.default_options().replace(**changes)
-        rec.put("workload", {"backend": backend, **changes, "mesh": meshes, "formats": ["glb"] if meshes else [],
+        rec.put("workload", {"backend": backend, "precision": sizes.precision, **changes, "mesh": meshes,
+                             "formats": ["glb"] if meshes else [],
                              "note": why or "prompt to GLB (vertex colours, no previews)"})
         start = time.perf_counter()
         profile(gen, Workload(1, options, meshes), repeats=1, warmup=0)

@@ -73,6 +73,20 @@ def test_forced_triton_runs_the_kernels(monkeypatch):
         kernels.triplane_sample(*tri)
 
 
+def test_auto_mode_on_a_gpu_takes_sdpa_for_attention_and_triton_for_the_rest(monkeypatch):
+    """On CUDA tensors (simulated: use_triton says yes, as it does there) auto mode leaves attention to SDPA,
+    which beat the Triton kernel at every shape on the H200, and runs the other two kernels."""
+    monkeypatch.delenv("LN3DIFF_KERNELS", raising=False)
+    monkeypatch.setattr(dispatch, "use_triton", lambda t: True)
+    _forbid_triton(monkeypatch)
+    tri, comp, att = _inputs()
+    assert torch.equal(kernels.attention(*att), F.scaled_dot_product_attention(*att))
+    with pytest.raises(AssertionError, match="Triton op ran"):
+        kernels.triplane_sample(*tri)
+    with pytest.raises(AssertionError, match="Triton op ran"):
+        kernels.composite_rays(*comp)
+
+
 def test_bad_mode_raises(monkeypatch):
     monkeypatch.setenv("LN3DIFF_KERNELS", "cuda")
     with pytest.raises(ValueError, match="LN3DIFF_KERNELS='cuda'.*auto"):

@@ -179,10 +179,10 @@ STEPS = (
     python_step("device", 0.03),
     Step("kernel_tests", 0.12, ("pytest",), _pytest_commands, _read_pytest,
          lambda dry_run: {"TRITON_INTERPRET": "1" if dry_run else "0"}),
-    Step("kernel_bench", 0.14, (), _bench_commands, _read_bench),
+    Step("kernel_bench", 0.16, (), _bench_commands, _read_bench),
     python_step("pipeline_eager", 0.17),
     python_step("pipeline_compile", 0.16),
-    python_step("pipeline_aoti", 0.26),
+    python_step("pipeline_aoti", 0.24),
     python_step("serve", 0.12, ("grpc", "grpc_health", "grpc_reflection", "trimesh", "xatlas")),
 )
 

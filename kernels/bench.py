@@ -40,6 +40,7 @@ class Case:
     flops: float
     ref_bytes: float  # what the reference allocates beyond inputs and outputs (attention scores)
     make: Callable[[], dict]  # -> {"reference": fn, "triton": fn, "sdpa": fn}, built lazily
+    floor: bool = False  # a launch-floor case (FLOOR): what a call costs, not how fast the kernel is
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Row:
     triton_rate: float | None
     sol_ms: float | None
     note: str
+    floor: bool = False  # targets (the GPU suite's report) leave floor rows out
 
 
 def _peaks(device: torch.device) -> tuple[str, float | None, float | None]:
@@ -80,8 +82,14 @@ def _time_ms(fn: Callable[[], object], device: torch.device) -> float:
     return statistics.median(times) * 1e3
 
 
+# A case too small to do work: its time is what every call costs (the Python launch path, the op's dispatch),
+# the floor under which no size goes. On the H200 no Triton kernel went under ~55-90 us, where SDPA took 9 us.
+FLOOR = "launch floor"
+
+
 def triplane_cases(preset: str, device: torch.device) -> list[Case]:
-    shapes = {"tiny": [(1, 32, 64, 16384)], "paper": [(1, 32, 256, 64 * 64 * 128)]}[preset]
+    shapes = {"tiny": [(1, 32, 64, 16384), (1, 32, 8, 64)],
+              "paper": [(1, 32, 256, 64 * 64 * 128), (1, 32, 256, 2 ** 22), (1, 32, 8, 64)]}[preset]
     cases = []
     for b, c, r, n in shapes:
         def make(b=b, c=c, r=r, n=n):
@@ -95,12 +103,14 @@ def triplane_cases(preset: str, device: torch.device) -> list[Case]:
             return fns
 
         nbytes = 4 * (b * 3 * c * r * r + b * n * 3 + b * n * c)
-        cases.append(Case("triplane", f"planes [{b},3,{c},{r},{r}] points {n}", nbytes, 0.0, 0.0, make))
+        floor = n <= 64
+        cases.append(Case("triplane", f"{FLOOR + ': ' if floor else ''}planes [{b},3,{c},{r},{r}] points {n}", nbytes,
+                          0.0, 0.0, make, floor))
     return cases
 
 
 def composite_cases(preset: str, device: torch.device) -> list[Case]:
-    shapes = {"tiny": [(1024, 64)], "paper": [(4096, 128)]}[preset]
+    shapes = {"tiny": [(1024, 64), (16, 8)], "paper": [(4096, 128), (512 * 512, 64), (16, 8)]}[preset]
     cases = []
     for n, s in shapes:
         def make(n=n, s=s):
@@ -117,7 +127,9 @@ def composite_cases(preset: str, device: torch.device) -> list[Case]:
 
         # sigmas, t_vals, deltas and rgbs in; weights, rgb, depth and opacity out
         nbytes = 4 * (n * s * (3 + 3 + 1) + n * 5)
-        cases.append(Case("composite", f"{n} rays x {s} samples", nbytes, 0.0, 0.0, make))
+        floor = n <= 16
+        cases.append(Case("composite", f"{FLOOR + ': ' if floor else ''}{n} rays x {s} samples", nbytes, 0.0, 0.0,
+                          make, floor))
     return cases
 
 
@@ -126,7 +138,7 @@ def attention_cases(preset: str, device: torch.device) -> list[Case]:
     if preset == "tiny":
         shapes = [("self", 1, 2, 256, 256, 64), ("cross-text", 1, 2, 256, 32, 64)]
     else:
-        shapes = []
+        shapes = [(FLOOR, 1, 1, 16, 16, 64)]
         for b in (1, 4):
             shapes += [
                 (f"DiT self B={b}", b, 16, 768, 768, 64),
@@ -156,7 +168,7 @@ def attention_cases(preset: str, device: torch.device) -> list[Case]:
         flops = 4.0 * b * h * nq * nk * d
         scores = 4.0 * b * h * nq * nk * 2  # fp32 scores and probabilities
         name = f"{label} [{b},{h},{nq}|{nk},{d}] {str(dtype).removeprefix('torch.')}"
-        cases.append(Case("attention", name, nbytes, flops, scores, make))
+        cases.append(Case("attention", name, nbytes, flops, scores, make, label == FLOOR))
     return cases
 
 
@@ -164,7 +176,7 @@ def run_case(case: Case, device: torch.device, bandwidth: float | None, peak_flo
     sol = None
     if bandwidth is not None and peak_flops is not None:
         sol = max(case.bytes / bandwidth, case.flops / peak_flops) * 1e3
-    row = Row(case.kernel, case.case, None, None, None, None, None, None, sol, "")
+    row = Row(case.kernel, case.case, None, None, None, None, None, None, sol, "", case.floor)
     if device.type != "cuda" and (case.flops > CPU_MAX_FLOPS or case.ref_bytes > CPU_MAX_BYTES):
         row.note = f"skipped on CPU ({case.flops / 1e9:.0f} GFLOP, {case.ref_bytes / 1e9:.1f} GB of scores)"
         return row

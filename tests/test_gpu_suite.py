@@ -134,6 +134,9 @@ def test_targets_are_judged_from_the_records(monkeypatch):
             _bench_row("composite", 4.0, 1.0, 2000.0),  # 4x but 50% of the bandwidth: missed
             _bench_row("attention", 9.0, 1.1, 500.0, sdpa_ms=1.0),  # 1.1x SDPA's time: within 20%
             _bench_row("attention", 9.0, 1.3, 400.0, sdpa_ms=1.2)]
+    # Launch-floor rows (kernels.bench: a call's fixed cost) would miss every kernel target; they are not judged.
+    floors = [{**_bench_row(k, 0.01, 0.08, 1.0, sdpa_ms=0.01), "floor": True} for k in ("triplane", "attention")]
+    rows += floors
     records = [{"step": "device", "status": "ok", "results": {"copy_gb_per_s": 4000.0}},
                {"step": "kernel_bench", "status": "ok", "results": {"rows": rows}},
                {"step": "pipeline_eager", "status": "ok", "results": _pipeline(0.120, 30.0)},
@@ -143,6 +146,7 @@ def test_targets_are_judged_from_the_records(monkeypatch):
     assert "75% of 4000" in judged[0]["measured"] and "50% of 4000" in judged[1]["measured"]
     assert "55.0 ms (aoti" in judged[3]["measured"] and "55.0 assets/s (aoti)" in judged[4]["measured"]
 
+    rows[:] = rows[:4]
     rows[3]["triton_ms"] = 1.5  # 1.25x SDPA's time: over the 20% allowed
     records[3]["results"] = _pipeline(0.055, 55.0, mesh=False)  # no GLB: the fast run does not count
     judged = targets(records)

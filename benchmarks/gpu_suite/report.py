@@ -23,7 +23,8 @@ def _step(records: list[dict], name: str) -> dict | None:
 def _kernel_targets(records: list[dict]) -> list[dict]:
     bench, device = _step(records, "kernel_bench"), _step(records, "device")
     copy = ((device or {}).get("results") or {}).get("copy_gb_per_s")
-    rows = ((bench or {}).get("results") or {}).get("rows", [])
+    rows = [r for r in ((bench or {}).get("results") or {}).get("rows", [])
+            if not r.get("floor")]  # kernels.bench's floor cases measure a call's fixed cost, not the kernel
     names = {"triplane": "Triton tri-plane sampling", "composite": "Triton compositing"}
     out = []
     for kernel, label in names.items():

@@ -55,6 +55,7 @@ def test_dry_run_runs_and_reports_every_step(tmp_path):
     rows = records["kernel_bench"]["results"]["rows"]
     assert {r["kernel"] for r in rows} == {"triplane", "composite", "attention"}
     assert all(r["ref_ms"] > 0 and r["triton_ms"] is None for r in rows)  # no Triton timing without CUDA
+    assert {r["kernel"] for r in rows if r["floor"]} == {"triplane", "composite"}  # tiny preset: attention has none
     for name in PIPELINES:
         results = records[name]["results"]
         assert results["workload"]["mesh"] and results["workload"]["backend"] == name.removeprefix("pipeline_")
@@ -67,6 +68,10 @@ def test_dry_run_runs_and_reports_every_step(tmp_path):
             assert all(s["median"] >= 0 for s in run["stages"].values()) and run["peak_memory_mb"] > 0
         large = results["batch_3"]  # timed when the time left allows, else skipped saying why
         assert large.get("batch_size") == 3 or "s left" in large["skipped"]
+    eager = records["pipeline_eager"]["results"]
+    assert eager["workload"]["precision"] == "bf16" and records["pipeline_aoti"]["results"]["workload"]["precision"] \
+        == "fp32"  # the dry run's autocast runs bf16 on the CPU too; its AOTInductor build stays fp32
+    assert eager["fp32_batch_1"]["batch_size"] == 1 and eager["fp32_batch_1"]["end_to_end"]["median"] > 0
     build = records["pipeline_aoti"]["results"]["aoti_build"]
     assert list(build["components"]) == ["field"] and max(build["components"]["field"]["max_abs_error"].values()) < 1e-4
     serve = records["serve"]["results"]
@@ -77,6 +82,7 @@ def test_dry_run_runs_and_reports_every_step(tmp_path):
     for name in STEPS:
         assert f"## {name}: ok" in md
     assert "| batch | end to end ms (median) |" in md and "| case | requests |" in md
+    assert "the same batch-1 requests in fp32:" in md and "bf16" in md
     rows = [line.split(" | ") for line in md.split("## Pipeline backends")[1].split("\n## ")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| backend")]
     timed = [r["step"].removeprefix("pipeline_") for r in suite["steps"] if r["step"] in PIPELINES

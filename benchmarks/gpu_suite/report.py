@@ -167,6 +167,10 @@ def _pipeline(results: dict) -> str:
         parts.append(f"compiler stance: {results['compile_stance']}")
     if "first_request_s" in results:
         parts.append(f"first request (batch 1, compiles where the backend does): {results['first_request_s']:.2f} s")
+    if "fp32_batch_1" in results and "batch_1" in results:
+        fp32, ours = results["fp32_batch_1"]["end_to_end"]["median"], results["batch_1"]["end_to_end"]["median"]
+        parts.append(f"the same batch-1 requests in fp32: {fp32 * 1e3:.1f} ms median, "
+                     f"{work.get('precision', '?')} {fp32 / ours:.2f}x faster")
     batches = {k: v for k, v in results.items() if k.startswith("batch_")}
     done = {k: v for k, v in batches.items() if "skipped" not in v}
     parts += [f"{k}: skipped, {v['skipped']}" for k, v in batches.items() if "skipped" in v]

@@ -42,7 +42,8 @@ class Sizes:
     repeats: int
     warmup: int
     aoti_components: tuple[str, ...]
-    precision: str  # every backend's: autocast for eager and compile, the engines' build precision for aoti
+    precision: str  # eager's and compile's (autocast; Generator(precision=))
+    aoti_precision: str  # the AOTInductor packages' build precision
     serve_requests_one_client: int
     serve_clients: int
     serve_requests_concurrent: int
@@ -53,12 +54,14 @@ class Sizes:
 
 # AOTInductor packages the denoiser and decoder (nearly all of the model's FLOPs; the field's tri-plane sampling is
 # already a Triton kernel): each takes minutes of compilation, and the whole suite has 8.
-GPU = Sizes("cuda", "paper", (1, 8), 64, 8, None, 5, 1, ("denoiser", "decoder"), "bf16", 16, 16, 64, 2 ** 31, 8192,
-            None)
+GPU = Sizes("cuda", "paper", (1, 8), 64, 8, None, 5, 1, ("denoiser", "decoder"), "bf16", "bf16", 16, 16, 64, 2 ** 31,
+            8192, None)
 # The dry run exercises every line of the suite, not the compilers: Inductor is switched off in the compile
 # step (the stance "force_eager" keeps torch.compile's wrappers) and AOTInductor builds only the field, since
 # each component takes ~20 s of C++ compilation on two CPU cores.
-DRY_RUN = Sizes("cpu", "tiny", (1, 2), 3, 2, 32, 1, 0, ("field",), "fp32", 2, 2, 4, 2 ** 25, 256, "force_eager")
+DRY_RUN = Sizes("cpu", "tiny", (1, 2), 3, 2, 32, 1, 0, ("field",), "bf16", "fp32", 2, 2, 4, 2 ** 25, 256,
+                "force_eager")
+FP32_SLOWDOWN_BOUND = 20.0  # fp32 requests take at most this many times bf16's (time budgeting only)
 LARGE_BATCH_RUNS = 2  # one warm-up, one timed: a batch of 64 objects takes many seconds each time
 SERVE_TIMEOUT_S = 120.0
 
@@ -173,11 +176,11 @@ def _aoti_components(models, eager, sizes: Sizes, rec: Record, workdir: Path):
     start = time.perf_counter()
     ckpt, engine = workdir / "random.safetensors", workdir / "engine"
     save_checkpoint(ckpt, models.config, {"vae": models.vae, "dit": models.dit})
-    manifest = build_engine(ckpt, engine, "aoti", sizes.precision, list(sizes.batches), sizes.device,
+    manifest = build_engine(ckpt, engine, "aoti", sizes.aoti_precision, list(sizes.batches), sizes.device,
                             sizes.aoti_components, progress=False)
     built = {e.component: {"seconds": e.seconds, "mib": e.bytes / 2 ** 20, "max_abs_error": e.max_abs_error}
              for e in manifest.components if e.file}
-    rec.put("aoti_build", {"precision": sizes.precision, "seconds": time.perf_counter() - start,
+    rec.put("aoti_build", {"precision": sizes.aoti_precision, "seconds": time.perf_counter() - start,
                            "components": built})
     return load_engine_components(engine, "aoti", ckpt, eager, sizes.device)
 
@@ -195,7 +198,8 @@ def pipeline_step(backend: str) -> Callable[[Sizes, Record, Path, float], None]:
         if sizes.mesh_resolution:
             changes["mesh_resolution"] = sizes.mesh_resolution
         options = gen.default_options().replace(**changes)
-        rec.put("workload", {"backend": backend, "precision": sizes.precision, **changes, "mesh": meshes,
+        precision = sizes.aoti_precision if backend == "aoti" else gen.precision
+        rec.put("workload", {"backend": backend, "precision": precision, **changes, "mesh": meshes,
                              "formats": ["glb"] if meshes else [],
                              "note": why or "prompt to GLB (vertex colours, no previews)"})
         start = time.perf_counter()
@@ -204,6 +208,13 @@ def pipeline_step(backend: str) -> Callable[[Sizes, Record, Path, float], None]:
         for batch in sizes.batches:
             rec.put(f"batch_{batch}", _with_rate(profile(gen, Workload(batch, options, meshes), sizes.repeats,
                                                          sizes.warmup)))
+        if backend == "eager" and gen.precision != "fp32":  # the same requests in fp32: the ratio in one run
+            fp32 = type(gen)(gen.models, gen.device, gen.components, backend)
+            first = rec.data["results"][f"batch_{sizes.batches[0]}"]
+            estimate = FP32_SLOWDOWN_BOUND * first["end_to_end"]["median"] * (sizes.repeats + sizes.warmup)
+            if time.time() + estimate < deadline:
+                rec.put("fp32_batch_1", _with_rate(profile(fp32, Workload(1, options, meshes), sizes.repeats,
+                                                           sizes.warmup)))
         last = rec.data["results"][f"batch_{sizes.batches[-1]}"]
         estimate = last["end_to_end"]["median"] / last["batch_size"] * sizes.large_batch * LARGE_BATCH_RUNS
         if time.time() + estimate > deadline:

@@ -12,6 +12,8 @@ Steps, in this order, each in a process of its own with its own time limit:
                         autocast, Generator(precision="bf16")); `compile` is torch.compile, `aoti`
     pipeline_aoti       AOTInductor bf16 packages of the denoiser and decoder, built on the device by
                         export/build_engine.py; the mesher sees a ball (random weights' field is box-filling noise)
+    pipeline_official the published text-to-3D architecture (official-t23d, random weights), eager in bf16, at its
+                        own request defaults (DPM-Solver++(2M), 25 steps, guidance 6.5, 192^3 mesh), batch 1 and 8
     serve             the gRPC server on loopback: one client's latency, 16 concurrent clients' throughput
 
 It writes DIR/results.json (every step's record {step, status: ok | failed | skipped | timeout, seconds,
@@ -183,6 +185,7 @@ STEPS = (
     python_step("pipeline_eager", 0.17),
     python_step("pipeline_compile", 0.16),
     python_step("pipeline_aoti", 0.24),
+    python_step("pipeline_official", 0.10),
     python_step("serve", 0.12, ("grpc", "grpc_health", "grpc_reflection", "trimesh", "xatlas")),
 )
 

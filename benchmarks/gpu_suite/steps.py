@@ -50,17 +50,18 @@ class Sizes:
     copy_bytes: int  # of the copy that measures memory bandwidth
     matmul_size: int  # n of the n x n x n matrix product that measures the dense rate
     compile_stance: str | None  # torch.compiler.set_stance for the compile step; None: compile for real
+    official_small: bool  # pipeline_official: a two-layer copy of the published architecture, not its sizes
 
 
 # AOTInductor packages the denoiser and decoder (nearly all of the model's FLOPs; the field's tri-plane sampling is
 # already a Triton kernel): each takes minutes of compilation, and the whole suite has 8.
 GPU = Sizes("cuda", "paper", (1, 8), 64, 8, None, 5, 1, ("denoiser", "decoder"), "bf16", "bf16", 16, 16, 64, 2 ** 31,
-            8192, None)
+            8192, None, False)
 # The dry run exercises every line of the suite, not the compilers: Inductor is switched off in the compile
 # step (the stance "force_eager" keeps torch.compile's wrappers) and AOTInductor builds only the field, since
 # each component takes ~20 s of C++ compilation on two CPU cores.
 DRY_RUN = Sizes("cpu", "tiny", (1, 2), 3, 2, 32, 1, 0, ("field",), "bf16", "fp32", 2, 2, 4, 2 ** 25, 256,
-                "force_eager")
+                "force_eager", True)
 FP32_SLOWDOWN_BOUND = 20.0  # fp32 requests take at most this many times bf16's (time budgeting only)
 LARGE_BATCH_RUNS = 2  # one warm-up, one timed: a batch of 64 objects takes many seconds each time
 SERVE_TIMEOUT_S = 120.0
@@ -141,19 +142,35 @@ def mesh_support() -> tuple[bool, bool, str]:
     return True, True, ""
 
 
-def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path):
-    """A Generator of random weights at the suite's preset with the stand-in text encoder, on `backend`."""
+def official_t23d(sizes: Sizes):
+    """The published text-to-3D architecture (`official-t23d`: DiT-L/2, the DiT2 decoder) at its sizes, or for the
+    dry run a two-layer copy of it; random weights either way (the released ones cannot travel)."""
+    from ln3diff_rt.config import get_preset, official_config
+    from ln3diff_rt.official.config import OfficialDiTConfig, OfficialVAEConfig
+
+    if not sizes.official_small:
+        return get_preset("official-t23d")
+    return official_config("t23d", OfficialDiTConfig("t23d", depth=2, width=64, heads=2),
+                           OfficialVAEConfig(width=64, depth=2, heads=2, mlp_hidden=128, sr_channels=32,
+                                             sr_ch_mult=(1, 2), triplane_channels=8, field_hidden=16))
+
+
+def _generator(sizes: Sizes, backend: str, rec: Record, workdir: Path, official: bool = False):
+    """A Generator of random weights at the suite's preset (or the published text-to-3D architecture) with the
+    stand-in text encoder, on `backend`."""
     from benchmarks.gpu_suite.stand_in import DESCRIPTION, SURFACE_DESCRIPTION, StandInTextEncoder, ball_surface
     from ln3diff_rt.pipeline import AUTOCAST_BACKENDS, Components, Generator, compiled_components
     from ln3diff_rt.random_weights import random_models
 
     start = time.perf_counter()
-    models = random_models(sizes.preset, 0, sizes.device)
+    models = random_models(official_t23d(sizes) if official else sizes.preset, 0, sizes.device)
     cfg = models.config
     text = StandInTextEncoder(cfg.dit.context_len, cfg.dit.context_dim).to(sizes.device)
     components = Components(text, models.dit, models.vae.decode, models.vae.field)
     parameters = {name: sum(p.numel() for p in getattr(models, name).parameters()) for name in ("dit", "vae")}
-    rec.put("model", {"preset": sizes.preset, "parameters": parameters, "text_encoder": DESCRIPTION,
+    text_note = DESCRIPTION + ("; the published model reads CLIP ViT-L/14's text tower (12 layers of width 768), "
+                               "which costs more" if official else "")
+    rec.put("model", {"preset": cfg.preset, "parameters": parameters, "text_encoder": text_note,
                       "surface": SURFACE_DESCRIPTION, "build_s": time.perf_counter() - start})
     if backend == "compile":
         if sizes.compile_stance:
@@ -185,21 +202,25 @@ def _aoti_components(models, eager, sizes: Sizes, rec: Record, workdir: Path):
     return load_engine_components(engine, "aoti", ckpt, eager, sizes.device)
 
 
-def pipeline_step(backend: str) -> Callable[[Sizes, Record, Path, float], None]:
+def pipeline_step(backend: str, official: bool = False) -> Callable[[Sizes, Record, Path, float], None]:
     def step(sizes: Sizes, rec: Record, workdir: Path, deadline: float) -> None:
-        """Per-stage latency, peak memory and assets per second of whole requests on `backend`."""
+        """Per-stage latency, peak memory and assets per second of whole requests on `backend`; `official`: of the
+        published text-to-3D architecture at its own request defaults (DPM-Solver++(2M), 25 steps, 192^3)."""
         meshes, decimates, why = mesh_support()
         from ln3diff_rt.profile import Workload, profile
 
-        gen = _generator(sizes, backend, rec, workdir)
-        changes = dict(steps=sizes.steps, preview_views=0, texture=0, lods="")
+        gen = _generator(sizes, backend, rec, workdir, official)
+        changes = dict(preview_views=0, texture=0, lods="") if official else dict(
+            steps=sizes.steps, preview_views=0, texture=0, lods="")
         if not decimates:
             changes["faces"] = 0
         if sizes.mesh_resolution:
             changes["mesh_resolution"] = sizes.mesh_resolution
         options = gen.default_options().replace(**changes)
         precision = sizes.aoti_precision if backend == "aoti" else gen.precision
-        rec.put("workload", {"backend": backend, "precision": precision, **changes, "mesh": meshes,
+        rec.put("workload", {"backend": backend, "precision": precision, **changes, "sampler": options.sampler,
+                             "steps": options.steps, "guidance": options.guidance,
+                             "mesh_resolution": options.mesh_resolution, "mesh": meshes,
                              "formats": ["glb"] if meshes else [],
                              "note": why or "prompt to GLB (vertex colours, no previews)"})
         start = time.perf_counter()
@@ -249,6 +270,7 @@ STEPS: dict[str, Callable[[Sizes, Record, Path, float], None]] = {
     "pipeline_eager": pipeline_step("eager"),
     "pipeline_compile": pipeline_step("compile"),
     "pipeline_aoti": pipeline_step("aoti"),
+    "pipeline_official": pipeline_step("eager", official=True),
     "serve": serve_step,
 }
 

@@ -111,7 +111,7 @@ def generate(args: argparse.Namespace) -> int:
     from ln3diff_rt.images import read_image
     from ln3diff_rt.options import resolve_seed
     from ln3diff_rt.outputs import check_out_dir, write_result
-    from ln3diff_rt.pipeline import Generator, check_precision
+    from ln3diff_rt.pipeline import Generator
     from ln3diff_rt.prompts import normalise_prompt
     from ln3diff_rt.runner import Request, run
 
@@ -144,7 +144,6 @@ def generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
 
     start = time.perf_counter()
-    check_precision(args.precision, args.backend)  # before the model loads
     generator = Generator.from_checkpoint(args.ckpt, device=args.device, backend=args.backend,
                                           engine_dir=args.engine, text_encoder=args.text_encoder,
                                           image_encoders=tuple(args.image_encoders) if args.image_encoders else None,

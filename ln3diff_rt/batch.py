@@ -278,6 +278,7 @@ class ModelSpec:
     backend: str = "eager"
     engine: str | None = None
     text_encoder: str | None = None
+    precision: str = "fp32"
 
     def load(self) -> Generator:
         device = self.device
@@ -285,7 +286,8 @@ class ModelSpec:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        return Generator.from_checkpoint(self.ckpt, device, self.backend, self.engine, text_encoder=self.text_encoder)
+        return Generator.from_checkpoint(self.ckpt, device, self.backend, self.engine, text_encoder=self.text_encoder,
+                                         precision=self.precision)
 
 
 @dataclass

@@ -21,6 +21,7 @@ from ln3diff_rt.options import (
     GenerationOptions,
     InvalidOption,
     add_option_flags,
+    add_precision_flag,
     flag_name,
     options_from_args,
 )
@@ -54,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="eager", help=f"{backends_help()} (default: eager)")
     g.add_argument("--engine", default=None, help="engine directory from export/build_engine.py (aoti/onnx/tensorrt)")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    g.add_argument("--precision", default="fp32", choices=("fp32", "bf16"),
-                   help="the denoiser's and decoder's arithmetic with --backend eager or compile: bf16 runs them "
-                        "under autocast (for GPUs with bf16 tensor cores; slower on most CPUs); exported engines "
-                        "take theirs from build_engine.py (default: %(default)s)")
+    add_precision_flag(g)
     g.add_argument("--object-threads", type=int, default=None, metavar="N", help=OBJECT_THREADS_HELP)
     g.add_argument("--text-encoder", default=None,
                    help="text encoder: a local transformers directory or a Hugging Face id already in the local "
@@ -96,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", default=None, help="cpu, cuda, cuda:N or auto (default: cpu; with --ray, auto: a "
                                                   "GPU per worker where the cluster has them)")
     b.add_argument("--text-encoder", default=None, help="text encoder: a local directory or a cached Hugging Face id")
+    add_precision_flag(b)
     b.add_argument("--ray", default=None, metavar="ADDRESS",
                    help="run on Ray Data across the cluster's devices: its address (host:6379, auto) or 'local' "
                         "for a Ray instance on this machine (the cluster extra); OUT must be visible to every node")
@@ -210,7 +209,7 @@ def batch(args: argparse.Namespace) -> int:
         raise ValueError("--ray needs the cluster extra (ray[data]): pip install 'ln3diff-rt[cluster]'")
     overrides = {name: getattr(args, name) for name in option_specs() if getattr(args, name) is not None}
     model = ModelSpec(args.ckpt, args.device or ("auto" if args.ray else "cpu"), args.backend, args.engine,
-                      args.text_encoder)
+                      args.text_encoder, args.precision)
     tty, bar, done = sys.stderr.isatty(), None, []  # on a terminal a bar, in a file or a pipe a line per item
 
     def on_plan(total: int, skipped: int) -> None:

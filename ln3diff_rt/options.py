@@ -157,6 +157,18 @@ def flag_name(name: str) -> str:
     return "--" + ((spec.flag if spec else None) or name).replace("_", "-")
 
 
+# The denoiser's and decoder's arithmetic on the eager and compile backends (`Generator.precision`): bf16 runs them
+# under autocast. Here, torch-free, so every command's flag and the pipeline share one list.
+PRECISIONS = ("fp32", "bf16")
+
+
+def add_precision_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="the denoiser's and decoder's arithmetic with --backend eager or compile: bf16 runs them "
+                             "under autocast (for GPUs with bf16 tensor cores; slower on most CPUs); exported engines "
+                             "take theirs from build_engine.py (default: %(default)s)")
+
+
 def add_option_flags(parser: argparse.ArgumentParser, shown: GenerationOptions | None = None,
                      whose: str = "the model's") -> None:
     """One flag per option, typed and bounded by its Spec. An unset flag stays None: the value is left to

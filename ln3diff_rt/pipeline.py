@@ -30,7 +30,7 @@ from ln3diff_rt.models.projected_field import ProjectedTriplaneField
 from ln3diff_rt.official.ddpm import SAMPLERS as DDPM_SAMPLERS
 from ln3diff_rt.official.ddpm import sample_ddpm
 from ln3diff_rt.official.flow import sample_flow
-from ln3diff_rt.options import GenerationOptions, InvalidOption
+from ln3diff_rt.options import PRECISIONS, GenerationOptions, InvalidOption
 from ln3diff_rt.raster import render_mesh
 from ln3diff_rt.rendering import FieldFn, occupancy_grid, preview_renderer, render_chunked
 from ln3diff_rt.sampling import Condition, sample
@@ -152,8 +152,7 @@ class ConditionCache:
 # The denoiser's and decoder's arithmetic on the eager and compile backends: bf16 runs them under autocast (matrix
 # products in bf16 on tensor cores, fp32 weights, latents and planes handed on in fp32). At paper scale on an H200
 # the fp32 denoiser took 335 of a request's 523 ms. The field stays fp32 (its queries were 13 ms there). Exported
-# engines take their precision from `export/build_engine.py --precision` instead.
-PRECISIONS = ("fp32", "bf16")
+# engines take their precision from `export/build_engine.py --precision` instead (options.PRECISIONS: the list).
 AUTOCAST_BACKENDS = ("eager", "compile")
 
 

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from ln3diff_rt.backends import BACKENDS, backends_help
+from ln3diff_rt.options import add_precision_flag
 from ln3diff_rt.pipeline import Generator
 from serve.observability import configure_json_logging
 from serve.server import Server, ServerConfig
@@ -30,6 +31,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--backend", choices=list(BACKENDS), default="eager", help=backends_help())
     p.add_argument("--engine", type=Path, default=None, help="engine directory for aoti/onnx/tensorrt backends")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    add_precision_flag(p)
     p.add_argument("--text-encoder", default=None,
                    help="text encoder: a local directory or a cached Hugging Face id (default: the checkpoint's)")
     p.add_argument("--image-encoders", nargs=2, default=None, metavar=("CLIP", "DINO"),
@@ -92,7 +94,8 @@ async def serve(args: argparse.Namespace) -> None:
                           tls_key=args.tls_key, metrics_port=args.metrics_port, metrics_host=args.metrics_host)
     encoders = tuple(args.image_encoders) if args.image_encoders else None
     server = Server(lambda: Generator.from_checkpoint(args.ckpt, args.device, args.backend, args.engine,
-                                                      text_encoder=args.text_encoder, image_encoders=encoders), config)
+                                                      text_encoder=args.text_encoder, image_encoders=encoders,
+                                                      precision=args.precision), config)
     await server.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -75,13 +75,14 @@ class GeneratorDeployment:
 
     def __init__(self, ckpt: str | None = None, device: str = "auto", backend: str = "eager", engine: str | None = None,
                  text_encoder: str | None = None, image_encoders: list[str] | None = None, max_batch: int = 8,
-                 max_wait_ms: float = 20.0, max_queue: int = 32, limits: dict | None = None):
+                 max_wait_ms: float = 20.0, max_queue: int = 32, limits: dict | None = None, precision: str = "fp32"):
         import torch
 
         if device == "auto":  # Ray shows a replica only the GPUs it was given (ray_actor_options.num_gpus)
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.generator = Generator.from_checkpoint(ckpt, device, backend, engine, text_encoder=text_encoder,
-                                                   image_encoders=tuple(image_encoders) if image_encoders else None)
+                                                   image_encoders=tuple(image_encoders) if image_encoders else None,
+                                                   precision=precision)
         warm_up(self.generator)
         self.config = ServerConfig(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
                                    limits=Limits(**(limits or {})))

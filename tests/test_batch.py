@@ -72,6 +72,8 @@ def test_missing_list_and_bad_flags(tmp_path, capsys):
     assert "--format 'glb,fbx'" in capsys.readouterr().err
     assert main(["batch", str(prompts), "--out", str(tmp_path), "--steps", "0"]) == 2
     assert "--steps=0" in capsys.readouterr().err
+    assert main(["batch", str(prompts), "--out", str(tmp_path), "--backend", "onnx", "--precision", "bf16"]) == 2
+    assert "precision='bf16': expected fp32 with backend 'onnx'" in capsys.readouterr().err  # reached the Generator
     (tmp_path / "bin.txt").write_bytes(b"\xff\xfe")
     with pytest.raises(BatchInputError, match="not UTF-8"):
         read_items(tmp_path / "bin.txt")

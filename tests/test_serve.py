@@ -350,10 +350,12 @@ def test_server_flags_are_checked(tmp_path, capsys):
 
     for argv, message in ((["--ckpt", str(tmp_path / "missing.safetensors")], "no such file"),
                           (["--tls-cert", str(tmp_path / "c.pem")], "go together"),
-                          (["--max-batch", "0"], "at least 1")):
+                          (["--max-batch", "0"], "at least 1"),
+                          (["--precision", "fp16"], "invalid choice: 'fp16'")):
         with pytest.raises(SystemExit):
             parse_args(argv)
         assert message in capsys.readouterr().err
+    assert parse_args(["--precision", "bf16"]).precision == "bf16" and parse_args([]).precision == "fp32"
 
 
 def test_cli_server_and_client_end_to_end(checkpoint, tmp_path):

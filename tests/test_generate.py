@@ -176,12 +176,13 @@ def test_cli_unreadable_checkpoint_without_traceback(tmp_path):
 # field values within 1e-6 of grid_sample's; these meshes 2e-5-4e-5 box units from the old ones, previews the
 # same bytes); and when the shipped model became v3 (issue 18: another model); and when previews came to show the
 # request's mesh, rasterised (issue 21, ln3diff_rt/raster.py: the same GLBs; the frames within a few levels of the
-# ray-marched ones on average, tests/test_raster.py and test_previews_show_the_mesh_and_agree_with_the_field).
+# ray-marched ones on average, tests/test_raster.py and test_previews_show_the_mesh_and_agree_with_the_field); and
+# when the shipped model became v4 (issue 18: another model, 8 latent channels).
 # One torch thread (conftest): other thread counts reorder float sums.
-PINNED = {"a red cube": ("97d26215568025e97b43b3f5cbbbab413628e09eb318bc54ab4bdc66e96e2182",
-                         "ddbb411b358cbf5373761ce79d7fac49d500caa99ae14b3ef31ea32a294c3405"),
-          "a small blue torus": ("1049ac22bf72ac3604f8d21123452fefb1864231487e93e148c852de74f8cdb8",
-                                 "bceac440b29ed5dba6c078591c9b66d34e5bfe00cd4e714fd23e5b344c4fe22a")}
+PINNED = {"a red cube": ("325ca4ddfb5e95d4e70ecc9bc92a3bb130036f26e7083b18f23ea69ef69f7a35",
+                         "5725835383e1da1ad892a1df2dee4c0ba38c29275d65dd779a1b5625f7a50aa8"),
+          "a small blue torus": ("f7f6331ab8d959b839f40a2d733a59cb6865693a8f60e7d1b61cdf66feb359d0",
+                                 "4215e08704ea9498ce20a0befa4d41abce11ed68bb60b139ffdf495158e4ee56")}
 
 
 def test_same_seeds_give_the_pinned_bytes(generator):

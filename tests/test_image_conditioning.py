@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ln3diff_rt.checkpoint import load_models
-from ln3diff_rt.config import ImageEncoderConfig, get_preset
+from ln3diff_rt.config import ImageEncoderConfig
 from ln3diff_rt.models.dit import DiT
 from ln3diff_rt.models.image_encoder import ImageEncoder
 from ln3diff_rt.pipeline import DEFAULT_CHECKPOINT
@@ -75,7 +75,8 @@ def test_shipped_text_dit_loads_into_an_image_dit_and_without_an_image_predicts_
 
 def test_image_paths_learn_from_the_start():
     torch.manual_seed(0)
-    cfg = with_images(get_preset("tiny"))
+    config = load_models(DEFAULT_CHECKPOINT).config  # the shipped model's sizes (v4: 8 latent channels)
+    cfg = with_images(config.replace(image_encoder=None, dit=dataclasses.replace(config.dit, image_dim=0)))
     dit = DiT(cfg)
     dit.load_state_dict(text_weights(), strict=False)  # a trained text DiT
     x, t, context, pooled = _inputs(cfg)

@@ -207,11 +207,13 @@ def pipeline_step(backend: str, official: bool = False) -> Callable[[Sizes, Reco
         """Per-stage latency, peak memory and assets per second of whole requests on `backend`; `official`: of the
         published text-to-3D architecture at its own request defaults (DPM-Solver++(2M), 25 steps, 192^3)."""
         meshes, decimates, why = mesh_support()
+        from ln3diff_rt.pipeline import Generator
         from ln3diff_rt.profile import Workload, profile
 
         gen = _generator(sizes, backend, rec, workdir, official)
-        changes = dict(preview_views=0, texture=0, lods="") if official else dict(
-            steps=sizes.steps, preview_views=0, texture=0, lods="")
+        changes = dict(preview_views=0, texture=0, lods="")
+        if not official:  # the published architecture keeps its own sampler and steps
+            changes["steps"] = sizes.steps
         if not decimates:
             changes["faces"] = 0
         if sizes.mesh_resolution:
@@ -230,7 +232,7 @@ def pipeline_step(backend: str, official: bool = False) -> Callable[[Sizes, Reco
             rec.put(f"batch_{batch}", _with_rate(profile(gen, Workload(batch, options, meshes), sizes.repeats,
                                                          sizes.warmup)))
         if backend == "eager" and gen.precision != "fp32":  # the same requests in fp32: the ratio in one run
-            fp32 = type(gen)(gen.models, gen.device, gen.components, backend)
+            fp32 = Generator(gen.models, gen.device, gen.components, backend)
             first = rec.data["results"][f"batch_{sizes.batches[0]}"]
             estimate = FP32_SLOWDOWN_BOUND * first["end_to_end"]["median"] * (sizes.repeats + sizes.warmup)
             if time.time() + estimate < deadline:
